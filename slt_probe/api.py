@@ -1,0 +1,139 @@
+"""``estimate_llc``: validate the request, resolve nβ once, run a backend, return an LLCResult."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batching import as_tensors
+from .driver import ChainDriver
+from .estimator import ESTIMATORS, LOSS_ON, LLCAccumulator, LLCResult
+from .losses import resolve_loss
+from .samplers import SGLD, Sampler
+from .stacked import StackedModel
+
+BACKENDS = ("native", "devinterp")
+
+
+def default_nbeta(num_examples: int) -> float:
+    """n / log n (β = 1/log n), the WBIC temperature."""
+    if num_examples < 2:
+        raise ValueError("nbeta = n/log n needs at least 2 examples; pass sampler nbeta=...")
+    return num_examples / math.log(num_examples)
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    """Everything about an estimate except the model, data and loss."""
+
+    sampler: Sampler
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin: int = 0
+    batch_size: int = 128
+    seed: int = 0
+    estimator: str = "control_variate"
+    loss_on: str = "minibatch"
+    backend: str = "native"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, Sampler):
+            raise TypeError("sampler must be a slt_probe sampler such as slt_probe.SGLD(...); "
+                            f"got {type(self.sampler).__name__}")
+        for name, low in (("num_chains", 1), ("num_draws", 1), ("num_burnin", 0),
+                          ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler.to_dict(), "num_chains": self.num_chains,
+                "num_draws": self.num_draws, "num_burnin": self.num_burnin,
+                "batch_size": self.batch_size, "seed": self.seed, "estimator": self.estimator,
+                "loss_on": self.loss_on, "backend": self.backend}
+
+
+def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
+                 sampler: Sampler | None = None, num_chains: int = 4, num_draws: int = 200,
+                 num_burnin: int = 0, batch_size: int = 128, seed: int = 0,
+                 estimator: str = "control_variate", loss_on: str = "minibatch",
+                 restrict_to=None, backend: str = "native", compile: bool = False,
+                 verbose: bool = True) -> LLCResult:
+    """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
+
+    λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior, sampled by
+    ``sampler`` (default ``SGLD(lr=1e-4, localization=100)``, nβ = n/log n unless the
+    sampler sets ``nbeta``). All chains advance together in one batched computation.
+
+    estimator: ``"control_variate"`` averages nβ·(L_b(w_t) − L_b(w*)) on the same minibatch
+        b (same expectation as ``"plain"``, far less minibatch noise); ``"plain"`` is
+        devinterp's nβ·(mean L_b(w_t) − L_n(w*)).
+    loss_on: ``"full"`` evaluates L_n on all the data at every draw (small datasets).
+    restrict_to: parameter names (or name → boolean mask) to sample; the rest stay at w*.
+    compile: compile the batched gradient with ``torch.compile`` (falls back to eager).
+
+    The model is evaluated in eval mode on a private copy; the user's model, its
+    gradients and the global RNG are left exactly as they were.
+    """
+    settings = EstimateSettings(sampler=sampler if sampler is not None else SGLD(),
+                                num_chains=num_chains, num_draws=num_draws,
+                                num_burnin=num_burnin, batch_size=batch_size, seed=seed,
+                                estimator=estimator, loss_on=loss_on, backend=backend)
+    loss = resolve_loss(loss_fn)
+    x, y = as_tensors(data)
+    stacked = StackedModel(model, loss, compile=compile and backend == "native")
+    w_star = stacked.flatten(model)
+    return run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
+                        verbose=verbose, model=model)
+
+
+def run_estimate(stacked: StackedModel, w_star: torch.Tensor, x, y, settings: EstimateSettings,
+                 *, restrict_to=None, verbose: bool = True, model: nn.Module | None = None,
+                 desc: str = "LLC") -> LLCResult:
+    """Estimate at ``w_star`` with an already-built ``StackedModel`` (reused by trajectories)."""
+    started = time.perf_counter()
+    x = x.to(stacked.device)
+    y = y.to(stacked.device)
+    mask = stacked.mask_for(restrict_to)
+    star_losses = stacked.per_example_losses(w_star, x, y)
+    n = len(x)
+    nbeta = settings.sampler.nbeta if settings.sampler.nbeta is not None else default_nbeta(n)
+    config = {**settings.to_dict(), "num_examples": n, "nbeta": nbeta,
+              "nbeta_source": "sampler" if settings.sampler.nbeta is not None else "n/log n",
+              "num_params": stacked.dim,
+              "num_sampled_params": int(mask.sum()) if mask is not None else stacked.dim,
+              "restrict_to": sorted(restrict_to) if restrict_to is not None else None,
+              "loss_fn": stacked.loss.name, "compiled": stacked.compiled}
+    accumulator = LLCAccumulator(settings.num_chains, settings.num_draws, nbeta,
+                                 float(star_losses.mean()))
+    if settings.backend == "devinterp":
+        from .backends.devinterp_backend import run_devinterp
+
+        diverged, diverged_at = run_devinterp(model, stacked, w_star, x, y, settings, nbeta,
+                                              star_losses, mask, accumulator, verbose=verbose)
+    else:
+        generator = torch.Generator(device=stacked.device).manual_seed(settings.seed)
+        driver = ChainDriver(stacked, x, y, sampler=settings.sampler, nbeta=nbeta,
+                             w_star=w_star, star_losses=star_losses, mask=mask,
+                             num_chains=settings.num_chains, batch_size=settings.batch_size,
+                             estimator=settings.estimator, loss_on=settings.loss_on,
+                             generator=generator)
+        for record in driver.run(settings.num_draws, settings.num_burnin, verbose=verbose,
+                                 desc=desc):
+            accumulator.update(record)
+        diverged, diverged_at = driver.diverged, driver.diverged_at
+    config["seconds"] = time.perf_counter() - started
+    return accumulator.compute(diverged=diverged, diverged_at=diverged_at, config=config)

@@ -1,0 +1,101 @@
+"""The chain driver: burn-in, draws, minibatches and the noise stream for all chains at once.
+
+It owns the only random stream (a private ``torch.Generator``), resolves nothing about
+the estimator except which reference loss each draw is compared with, and yields one
+``DrawRecord`` per kept draw. Divergent chains (NaN/inf, or an energy far beyond any
+possible λ) are parked at w* and reported. Not here: the LLC arithmetic.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .estimator import DrawRecord
+from .samplers import Sampler
+from .stacked import StackedModel
+
+# λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
+DIVERGENCE_FACTOR = 1000.0
+
+
+class ChainDriver:
+    def __init__(self, stacked: StackedModel, x: Tensor, y: Tensor, *, sampler: Sampler,
+                 nbeta: float, w_star: Tensor, star_losses: Tensor, mask: Tensor | None,
+                 num_chains: int, batch_size: int, estimator: str, loss_on: str,
+                 generator: torch.Generator):
+        self.stacked = stacked
+        self.x, self.y = x, y
+        self.sampler = sampler
+        self.nbeta = nbeta
+        self.num_chains = num_chains
+        self.w_star = w_star.unsqueeze(0).expand(num_chains, -1)
+        self.star_losses = star_losses
+        self.init_loss = float(star_losses.mean())
+        self.mask = mask
+        self.batch_size = min(batch_size, len(x))
+        self.estimator = estimator
+        self.loss_on = loss_on
+        self.generator = generator
+        active = int(mask.sum()) if mask is not None else stacked.dim
+        self.divergence_threshold = DIVERGENCE_FACTOR * max(active, 1)
+        self.diverged = np.zeros(num_chains, dtype=bool)
+        self.diverged_at: list[int | None] = [None] * num_chains
+
+    def run(self, num_draws: int, num_burnin: int = 0, *, verbose: bool = True,
+            desc: str = "LLC") -> Iterator[DrawRecord]:
+        from .batching import MinibatchStream
+
+        chains, device = self.num_chains, self.stacked.device
+        stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
+        state = self.sampler.init(self.w_star.contiguous(), self.generator, self.mask)
+        noise = torch.empty_like(state.w)
+        total = num_burnin + num_draws
+        with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
+                  leave=False, unit="step") as bar:
+            for step in range(total):
+                idx = stream.next()
+                xb, yb = self.x[idx], self.y[idx]
+                losses, grads = self.stacked.loss_and_grad(state.w, xb, yb)
+                losses = losses.detach()
+                if self.estimator == "control_variate":
+                    reference = self.star_losses[idx].mean(dim=1)
+                else:
+                    reference = torch.full_like(losses, self.init_loss, dtype=torch.float64)
+                recorded = losses
+                if self.loss_on == "full" and step >= num_burnin:
+                    recorded = self.stacked.full_losses(state.w, self.x, self.y)
+                    reference = torch.full_like(recorded, self.init_loss)
+                self._catch_divergence(step, losses, grads, reference, state)
+                if step >= num_burnin:
+                    yield DrawRecord(step=step, loss=recorded.double().cpu().numpy(),
+                                     reference=reference.double().cpu().numpy(),
+                                     alive=~self.diverged.copy())
+                torch.randn(noise.shape, generator=self.generator, out=noise)
+                if self.mask is not None:
+                    noise.mul_(self.mask)
+                    grads.mul_(self.mask)
+                state = self.sampler.step(state, grads, noise, w_star=self.w_star,
+                                          nbeta=self.nbeta)
+                bar.update(1)
+
+    def _catch_divergence(self, step, losses, grads, reference, state) -> None:
+        energy = self.nbeta * (losses.double() - reference.double())
+        bad = ~torch.isfinite(losses) | ~torch.isfinite(grads).all(dim=1)
+        bad |= energy > self.divergence_threshold
+        bad_np = bad.cpu().numpy() & ~self.diverged
+        if not bad_np.any():
+            return
+        for c in np.flatnonzero(bad_np):
+            self.diverged[c] = True
+            self.diverged_at[c] = step
+        dead = torch.as_tensor(self.diverged, device=grads.device)
+        # Park dead chains at w* with zero force so they stay finite and cheap.
+        state.w[dead] = self.w_star[dead]
+        grads[dead] = 0.0
+        for value in state.aux.values():
+            if value.dim() >= 1 and value.shape[0] == self.num_chains and value.dtype.is_floating_point:
+                value[dead] = 0.0

@@ -1,0 +1,157 @@
+"""The LLC estimator: per-draw records in, an ``LLCResult`` out.
+
+``llc_from_losses`` is the one place the formula λ̂ = nβ·(E[L] − L*) lives; the
+accumulator and the devinterp backend both call it. Not here: sampling or batching.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .diagnostics import chain_flags, effective_sample_size, split_rhat
+
+ESTIMATORS = ("control_variate", "plain")
+LOSS_ON = ("minibatch", "full")
+
+
+def llc_from_losses(nbeta: float, losses, reference) -> np.ndarray:
+    """λ̂ terms nβ·(L(w_t) − L_ref); ``reference`` is L_n(w*) or, per draw, L_b(w*)."""
+    return nbeta * (np.asarray(losses, dtype=float) - np.asarray(reference, dtype=float))
+
+
+@dataclass
+class DrawRecord:
+    """One draw of all chains: loss at w_t and the reference loss it is compared with."""
+
+    step: int
+    loss: np.ndarray  # (chains,) L at w_t (minibatch or full data)
+    reference: np.ndarray  # (chains,) L_b(w*) on the same minibatch, or L_n(w*)
+    alive: np.ndarray  # (chains,) bool: chain has not diverged
+
+
+class LLCAccumulator:
+    """torchmetrics-style ``update``/``compute`` over draws."""
+
+    def __init__(self, num_chains: int, num_draws: int, nbeta: float, init_loss: float):
+        self.nbeta = nbeta
+        self.init_loss = init_loss
+        self.loss = np.full((num_chains, num_draws), np.nan)
+        self.reference = np.full((num_chains, num_draws), np.nan)
+        self.count = 0
+
+    def reset(self) -> None:
+        self.loss[:] = np.nan
+        self.reference[:] = np.nan
+        self.count = 0
+
+    def update(self, record: DrawRecord) -> None:
+        i = self.count
+        self.loss[:, i] = np.where(record.alive, record.loss, np.nan)
+        self.reference[:, i] = np.where(record.alive, record.reference, np.nan)
+        self.count += 1
+
+    def compute(self, *, diverged: np.ndarray, diverged_at: list, config: dict) -> "LLCResult":
+        loss = self.loss[:, :self.count]
+        reference = self.reference[:, :self.count]
+        llc_trace = llc_from_losses(self.nbeta, loss, reference)
+        alive = ~np.asarray(diverged, dtype=bool)
+        if not alive.any():
+            raise RuntimeError(
+                "all chains diverged (NaN/inf loss): the sampler is unstable at this step size; "
+                f"use a smaller lr (it was {config.get('sampler', {}).get('lr')}) or a larger "
+                "localization")
+        per_chain = np.where(alive, np.nanmean(np.where(alive[:, None], llc_trace, 0.0), axis=1),
+                             np.nan)
+        if (~alive).any():
+            warnings.warn(f"chains {np.flatnonzero(~alive).tolist()} diverged and are excluded "
+                          "from the estimate; consider a smaller lr", RuntimeWarning, stacklevel=3)
+        kept = per_chain[alive]
+        below = np.nanmean(loss < reference, axis=1)
+        flags = chain_flags(llc_trace, below, ~alive, diverged_at)
+        live_trace = llc_trace[alive]
+        diagnostics = {
+            "chains": flags,
+            "num_diverged": int((~alive).sum()),
+            "rhat": split_rhat(live_trace) if len(live_trace) > 1 else float("nan"),
+            "ess": effective_sample_size(live_trace),
+            "frac_below_init": float(np.nanmean(loss < reference)),
+        }
+        diagnostics["healthy"] = bool(
+            diagnostics["num_diverged"] == 0
+            and (not math.isfinite(diagnostics["rhat"]) or diagnostics["rhat"] < 1.1)
+            and all(f["stationary"] for f in flags if not f["diverged"]))
+        mean = float(kept.mean())
+        std = float(kept.std(ddof=1)) if len(kept) > 1 else float("nan")
+        return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, loss_trace=loss,
+                         reference_trace=reference, llc_trace=llc_trace,
+                         init_loss=self.init_loss, nbeta=self.nbeta,
+                         diagnostics=diagnostics, config=config)
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+@dataclass
+class LLCResult:
+    """An LLC estimate with its traces, settings and health report.
+
+    ``llc_std`` is the spread across chains (ddof=1); the standard error of
+    ``llc_mean`` is ``llc_std / sqrt(number of healthy chains)``.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    reference_trace: np.ndarray
+    llc_trace: np.ndarray
+    init_loss: float
+    nbeta: float
+    diagnostics: dict
+    config: dict = field(default_factory=dict)
+
+    @property
+    def effective_params(self) -> float:
+        return 2.0 * self.llc_mean
+
+    @property
+    def llc_sem(self) -> float:
+        kept = np.isfinite(self.llc_per_chain).sum()
+        return self.llc_std / math.sqrt(kept) if kept > 1 else float("nan")
+
+    def to_dict(self) -> dict:
+        return _jsonable({
+            "llc_mean": self.llc_mean, "llc_std": self.llc_std, "llc_sem": self.llc_sem,
+            "effective_params": self.effective_params, "llc_per_chain": self.llc_per_chain,
+            "init_loss": self.init_loss, "nbeta": self.nbeta,
+            "loss_trace": self.loss_trace, "reference_trace": self.reference_trace,
+            "diagnostics": self.diagnostics, "config": self.config,
+        })
+
+    def to_json(self, path) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+
+    def __repr__(self) -> str:
+        return (f"LLCResult(llc={self.llc_mean:.4g} ± {self.llc_std:.2g} (std over "
+                f"{np.isfinite(self.llc_per_chain).sum()} chains), effective_params="
+                f"{self.effective_params:.4g}, nbeta={self.nbeta:.4g}, "
+                f"healthy={self.diagnostics.get('healthy')})")

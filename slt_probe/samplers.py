@@ -1,0 +1,156 @@
+"""SGMCMC kernels: frozen settings plus a pure step over chains stacked on dim 0.
+
+A sampler never draws randomness itself and never decides nβ: the driver hands it the
+noise (from its own ``torch.Generator``) and the resolved nβ, so one step is a
+deterministic function that can be tested alone. Not here: data, batching, estimating.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplerState:
+    """Positions ``w`` (chains × d) plus whatever auxiliary tensors a kernel carries."""
+
+    w: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Shared settings: step size ε (``lr``), localisation γ, and optionally nβ.
+
+    ``nbeta=None`` means the driver uses n / log n for the data it is given.
+    """
+
+    lr: float = 1e-4
+    localization: float = 100.0
+    nbeta: float | None = None
+    name: ClassVar[str] = "sampler"
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        _check_non_negative("localization", self.localization)
+        if self.nbeta is not None:
+            _check_positive("nbeta", self.nbeta)
+
+    def init(self, w_star: Tensor, generator: torch.Generator, mask: Tensor | None) -> SamplerState:
+        return SamplerState(w=w_star.clone())
+
+    def step(self, state: SamplerState, grad: Tensor, noise: Tensor, *, w_star: Tensor,
+             nbeta: float) -> SamplerState:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SGLD(Sampler):
+    """Lau et al. (2023) SGLD: w ← w − ε/2·(nβ∇L_m(w) + γ(w − w*)) + N(0, ε)."""
+
+    name: ClassVar[str] = "sgld"
+
+    def step(self, state, grad, noise, *, w_star, nbeta):
+        w = state.w
+        new_w = torch.add(w, noise, alpha=math.sqrt(self.lr))
+        new_w.add_(grad, alpha=-0.5 * self.lr * nbeta)
+        if self.localization:
+            new_w.add_(w - w_star, alpha=-0.5 * self.lr * self.localization)
+        return SamplerState(w=new_w, aux=state.aux)
+
+    def drift(self, w: Tensor, grad: Tensor, *, w_star: Tensor, nbeta: float) -> Tensor:
+        """Gradient of the potential nβ·L + γ/2‖w − w*‖² (used by the MALA diagnostic)."""
+        return nbeta * grad + self.localization * (w - w_star)
+
+
+@dataclass(frozen=True)
+class RMSPropSGLD(Sampler):
+    """RMSProp-preconditioned SGLD (pSGLD, Li et al. 2016).
+
+    The running second moment V is built from the *loss* gradient only, so the
+    localisation pull does not shrink its own step; the preconditioner
+    G = 1/(√V + eps) then scales the whole drift and the noise variance, which keeps
+    exp(−nβL − γ/2‖w − w*‖²) stationary (up to the usual dropped ∇G term).
+    """
+
+    alpha: float = 0.99
+    eps: float = 0.1
+    name: ClassVar[str] = "rmsprop_sgld"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
+        _check_positive("eps", self.eps)
+
+    def step(self, state, grad, noise, *, w_star, nbeta):
+        scaled = nbeta * grad
+        if "square_avg" in state.aux:
+            square_avg = state.aux["square_avg"] * self.alpha + (1 - self.alpha) * scaled.square()
+        else:
+            square_avg = scaled.square()
+        precond = 1.0 / (square_avg.sqrt() + self.eps)
+        drift = scaled + self.localization * (state.w - w_star) if self.localization else scaled
+        new_w = state.w - 0.5 * self.lr * precond * drift + (self.lr * precond).sqrt() * noise
+        return SamplerState(w=new_w, aux={"square_avg": square_avg})
+
+
+@dataclass(frozen=True)
+class SGNHT(Sampler):
+    """Stochastic-gradient Nosé–Hoover thermostat (Ding et al. 2014), devinterp's form,
+    with the localisation pull added to the force. One thermostat ξ per chain."""
+
+    diffusion_factor: float = 0.01
+    localization: float = 0.0
+    name: ClassVar[str] = "sgnht"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("diffusion_factor", self.diffusion_factor)
+
+    def init(self, w_star, generator, mask):
+        momentum = torch.randn(w_star.shape, generator=generator, device=w_star.device,
+                               dtype=w_star.dtype) * math.sqrt(self.lr)
+        if mask is not None:
+            momentum.mul_(mask)
+        active = float(mask.sum()) if mask is not None else float(w_star.shape[1])
+        thermostat = torch.full((w_star.shape[0], 1), self.diffusion_factor,
+                                device=w_star.device, dtype=w_star.dtype)
+        return SamplerState(w=w_star.clone(), aux={
+            "momentum": momentum, "thermostat": thermostat,
+            "active": torch.tensor(active, dtype=w_star.dtype, device=w_star.device)})
+
+    def step(self, state, grad, noise, *, w_star, nbeta):
+        force = nbeta * grad
+        if self.localization:
+            force = force + self.localization * (state.w - w_star)
+        momentum = state.aux["momentum"]
+        thermostat = state.aux["thermostat"]
+        momentum = (momentum - self.lr * force - thermostat * momentum
+                    + math.sqrt(2 * self.lr * self.diffusion_factor) * noise)
+        new_w = state.w + momentum
+        kinetic = momentum.square().sum(dim=1, keepdim=True) / state.aux["active"]
+        thermostat = thermostat + (kinetic - self.lr)
+        return SamplerState(w=new_w, aux={**state.aux, "momentum": momentum,
+                                           "thermostat": thermostat})

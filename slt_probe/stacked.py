@@ -1,0 +1,183 @@
+"""A model seen as a pure function of a flat parameter vector, evaluated for all chains at once.
+
+Chains are the leading dimension of one flat buffer ``W`` (chains × d). The forward pass
+sees per-parameter views of it through ``torch.func.functional_call`` under ``vmap``,
+so every chain advances in one batched computation and no module is ever copied per
+step. The user's module is copied once (to put the copy in eval mode and leave the
+original untouched). Not here: noise, batching, estimator arithmetic.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .losses import Loss
+
+_EVAL_CHUNK = 4096
+
+
+class StackedModel:
+    def __init__(self, model: nn.Module, loss: Loss, *, compile: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        for name, p in trainable:
+            if not torch.isfinite(p.detach()).all():
+                raise ValueError(f"model parameter {name!r} contains NaN or inf")
+        self.loss = loss
+        self.names = [n for n, _ in trainable]
+        self.shapes = [p.shape for _, p in trainable]
+        self.sizes = [p.numel() for _, p in trainable]
+        self.offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        self.dim = self.offsets[-1]
+        self.device = trainable[0][1].device
+        self.dtype = trainable[0][1].dtype
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        trainable_names = set(self.names)
+        self.frozen = {n: p for n, p in self.module.named_parameters() if n not in trainable_names}
+        self.frozen.update(dict(self.module.named_buffers()))
+        self._grad_fn = vmap(grad_and_value(self._batch_loss), in_dims=(0, 0, 0))
+        self._loss_fn = vmap(self._batch_loss, in_dims=(0, 0, 0))
+        self._step_grads = self._grads
+        self.compiled = False
+        if compile:
+            self._try_compile()
+
+    # -- parameter layout -------------------------------------------------------------
+    def flatten(self, model: nn.Module | None = None) -> Tensor:
+        """Flat copy of the trainable parameters of ``model`` (default: the wrapped copy)."""
+        params = dict((model or self.module).named_parameters())
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(f"model lacks parameters {missing} of the sampled architecture")
+        return torch.cat([params[n].detach().reshape(-1).to(self.dtype) for n in self.names])
+
+    def load_state(self, state: Mapping[str, Tensor]) -> Tensor:
+        """Flat parameter vector from a state_dict with this architecture."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks parameters {missing}")
+        for n, shape in zip(self.names, self.shapes):
+            if state[n].shape != shape:
+                raise ValueError(f"state_dict[{n!r}] has shape {tuple(state[n].shape)}, "
+                                 f"expected {tuple(shape)}")
+        frozen_state = {k: v for k, v in state.items() if k in self.frozen}
+        with torch.no_grad():
+            for k, v in frozen_state.items():
+                self.frozen[k].copy_(v)
+        return torch.cat([state[n].detach().reshape(-1).to(self.device, self.dtype)
+                          for n in self.names])
+
+    def views(self, w: Tensor) -> dict[str, Tensor]:
+        """Per-parameter views of ``w`` (d,) or (chains, d); no copies."""
+        lead = w.shape[:-1]
+        return {n: w[..., a:b].view(*lead, *shape) for n, shape, a, b in
+                zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
+
+    def mask_for(self, restrict_to) -> Tensor | None:
+        """Flat 0/1 mask of the coordinates to sample; ``None`` means all of them.
+
+        ``restrict_to`` is an iterable of parameter names (a name also selects every
+        parameter under it, e.g. ``"layers.0"``) or a dict name → boolean tensor.
+        """
+        if restrict_to is None:
+            return None
+        mask = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        views = self.views(mask)
+        if isinstance(restrict_to, Mapping):
+            for name, sub in restrict_to.items():
+                if name not in views:
+                    raise ValueError(f"restrict_to names unknown parameter {name!r}; "
+                                     f"trainable parameters are {self.names}")
+                sub = torch.as_tensor(sub, device=self.device)
+                if sub.shape != views[name].shape:
+                    raise ValueError(f"restrict_to[{name!r}] has shape {tuple(sub.shape)}, "
+                                     f"expected {tuple(views[name].shape)}")
+                views[name].copy_(sub.to(self.dtype))
+        elif isinstance(restrict_to, Iterable) and not isinstance(restrict_to, (str, bytes)):
+            for prefix in restrict_to:
+                hits = [n for n in self.names if n == prefix or n.startswith(prefix + ".")]
+                if not hits:
+                    raise ValueError(f"restrict_to names unknown parameter {prefix!r}; "
+                                     f"trainable parameters are {self.names}")
+                for n in hits:
+                    views[n].fill_(1.0)
+        else:
+            raise TypeError("restrict_to must be a list of parameter names or a dict "
+                            f"name -> boolean mask; got {type(restrict_to).__name__}")
+        if mask.sum() == 0:
+            raise ValueError("restrict_to selects no parameters")
+        return mask
+
+    # -- evaluation -----------------------------------------------------------------
+    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = functional_call(self.module, (params, self.frozen), (x,))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"model must return a tensor, got {type(out).__name__}")
+        return out
+
+    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self.loss.batch(self._forward(params, x), y)
+
+    def _grads(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        grads, losses = self._grad_fn(self.views(w), x, y)
+        flat = torch.cat([grads[n].reshape(w.shape[0], -1) for n in self.names], dim=1)
+        return losses, flat
+
+    def loss_and_grad(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-chain minibatch losses (chains,) and flat gradients (chains, d) at ``w``.
+
+        ``x`` and ``y`` carry one minibatch per chain on their leading dimension.
+        """
+        return self._step_grads(w, x, y)
+
+    def _try_compile(self) -> None:
+        try:
+            self._step_grads = torch.compile(self._grads, dynamic=False)
+            self.compiled = True
+        except Exception as err:  # noqa: BLE001 - any backend failure means eager
+            warnings.warn(f"torch.compile unavailable ({err}); sampling eagerly", stacklevel=3)
+
+    def losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._loss_fn(self.views(w), x, y)
+
+    def full_losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """L_n at each chain's ``w`` (chains, d) over all of ``(x, y)``, chunked."""
+        total = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        chunk = max(1, _EVAL_CHUNK // w.shape[0])
+        with torch.no_grad():
+            views = self.views(w)
+            for start in range(0, len(x), chunk):
+                xb, yb = x[start:start + chunk], y[start:start + chunk]
+                batch = vmap(self._batch_loss, in_dims=(0, None, None))(views, xb, yb)
+                total += batch.double() * len(xb)
+        return total / len(x)
+
+    def per_example_losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Loss of every example at a single point ``w`` (d,), float64, shape (n,)."""
+        out = []
+        with torch.no_grad():
+            views = self.views(w)
+            for start in range(0, len(x), _EVAL_CHUNK):
+                xb, yb = x[start:start + _EVAL_CHUNK], y[start:start + _EVAL_CHUNK]
+                values = self.loss.per_example(self._forward(views, xb), yb)
+                if values.shape != (len(xb),):
+                    raise ValueError("loss_fn must reduce to one value per example; per-example "
+                                     f"losses came back with shape {tuple(values.shape)}")
+                out.append(values.double())
+        losses = torch.cat(out)
+        mean_check = float(losses.mean())
+        if not math.isfinite(mean_check):
+            raise ValueError("the loss at the given model is NaN or inf; check the model and data")
+        return losses
