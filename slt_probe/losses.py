@@ -1,5 +1,7 @@
 """Loss functions as the estimator needs them: a batch mean and a per-example form.
 
+"gaussian_nll" is ½‖y − f(x)‖² per example: the negative log-likelihood of unit-variance
+Gaussian noise, the loss under which the known-λ regression truths are stated.
 L_n must be an average of per-example losses; the per-example form lets the estimator
 compute L_n(w*) exactly once and read the control variate L_b(w*) for any minibatch b
 by indexing, instead of a forward pass per draw.
@@ -41,6 +43,15 @@ def _mse_per_example(output: Tensor, target: Tensor) -> Tensor:
     return sq.reshape(len(sq), -1).mean(dim=1)
 
 
+def _gaussian_nll_per_example(output: Tensor, target: Tensor) -> Tensor:
+    sq = (output - _mse_target(output, target)).square()
+    return 0.5 * sq.reshape(len(sq), -1).sum(dim=1)
+
+
+def _gaussian_nll(output: Tensor, target: Tensor) -> Tensor:
+    return _gaussian_nll_per_example(output, target).mean()
+
+
 def _ce_per_example(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output, target, reduction="none")
 
@@ -58,7 +69,10 @@ def resolve_loss(loss_fn) -> Loss:
             return Loss("cross_entropy", F.cross_entropy, _ce_per_example)
         if loss_fn == "mse":
             return Loss("mse", _mse, _mse_per_example)
-        raise ValueError(f"loss_fn must be 'cross_entropy', 'mse' or a callable; got {loss_fn!r}")
+        if loss_fn == "gaussian_nll":
+            return Loss("gaussian_nll", _gaussian_nll, _gaussian_nll_per_example)
+        raise ValueError("loss_fn must be 'cross_entropy', 'mse', 'gaussian_nll' or a callable; "
+                         f"got {loss_fn!r}")
     if callable(loss_fn):
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
         return Loss(name, loss_fn, _callable_per_example(loss_fn))

@@ -1,0 +1,1 @@
+"""Alternative execution backends for the same estimate (currently devinterp, the reference)."""

@@ -1,0 +1,109 @@
+"""Solvable problems with a known true λ: a model at its true parameter, data, and λ.
+
+Used by the accuracy tests, the benchmark and ``slt-probe estimate``. Each problem uses
+the Gaussian negative log-likelihood (``"gaussian_nll"``), under which λ is stated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+
+from .truths import deep_linear_lambda, monomial_lambda, regular_lambda
+
+
+@dataclass
+class KnownProblem:
+    name: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    true_lambda: Fraction
+    loss_fn: str = "gaussian_nll"
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def settle(self, max_iter: int = 500) -> "KnownProblem":
+        """Move the model from the true parameter to the nearby minimum of L_n (in place).
+
+        λ̂ is defined at a local minimum w* of the empirical loss; at the true parameter,
+        L_n(w0) − L_n(ŵ) ≈ χ²_d/2n would bias λ̂ down by about d/(2 log n).
+        """
+        from .losses import resolve_loss
+
+        loss = resolve_loss(self.loss_fn).batch
+        optimizer = torch.optim.LBFGS(self.model.parameters(), lr=1.0, max_iter=max_iter,
+                                      tolerance_grad=1e-10, tolerance_change=1e-14,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            value = loss(self.model(self.x), self.y)
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        optimizer.zero_grad(set_to_none=True)
+        return self
+
+
+class Monomial(nn.Module):
+    """f(x) = x · w1^a · w2^b."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.a, self.b = a, b
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.w[0] ** self.a * self.w[1] ** self.b
+
+
+def _noise_data(n: int, d_in: int, generator: torch.Generator) -> Tensor:
+    return torch.randn(n, d_in, generator=generator)
+
+
+def monomial(a: int, b: int, n: int = 10_000, seed: int = 0) -> KnownProblem:
+    g = torch.Generator().manual_seed(seed)
+    x = _noise_data(n, 1, g)
+    y = torch.randn(n, 1, generator=g)
+    return KnownProblem(f"monomial w1^{a} w2^{b}", Monomial(a, b), x, y, monomial_lambda(a, b))
+
+
+def deep_linear(widths: list[int], rank: int, n: int = 10_000, seed: int = 0) -> KnownProblem:
+    """Bias-free linear network at a true end-to-end map of rank ``rank``.
+
+    With two matrices this is reduced-rank regression (Aoyagi–Watanabe).
+    """
+    g = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:])]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            rows, cols = layer.weight.shape
+            k = min(rank, rows, cols)
+            layer.weight[:k, :k] = torch.eye(k) + 0.5 * torch.randn(k, k, generator=g) / max(k, 1)
+    model = nn.Sequential(*layers)
+    x = _noise_data(n, widths[0], g)
+    with torch.no_grad():
+        y = model(x) + torch.randn(n, widths[-1], generator=g)
+    value, _ = deep_linear_lambda(widths, rank)
+    kind = "rrr" if len(widths) == 3 else "deep linear"
+    return KnownProblem(f"{kind} {'-'.join(map(str, widths))} r={rank}", model, x, y, value)
+
+
+def regular(d_in: int = 20, d_out: int = 1, n: int = 20_000, seed: int = 0) -> KnownProblem:
+    """Linear regression without bias: a regular model, λ = d/2."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(d_out, d_in, generator=g))
+    x = _noise_data(n, d_in, g)
+    with torch.no_grad():
+        y = model(x) + torch.randn(n, d_out, generator=g)
+    return KnownProblem(f"regular d={d_in * d_out}", model, x, y,
+                        regular_lambda(d_in * d_out))
