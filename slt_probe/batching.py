@@ -10,14 +10,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 
 def as_tensors(data) -> tuple[Tensor, Tensor]:
     """Accept a DataLoader, a map-style Dataset, or a tuple ``(x, y)``; return ``(x, y)``.
 
-    A DataLoader is read through its dataset in order (not its sampler), so a shuffling
-    loader does not draw from the global RNG.
+    A DataLoader is read through its dataset in order (not its sampler or iterator), so
+    reading it never draws from the global RNG.
     """
     if isinstance(data, DataLoader):
         return _from_dataset(data.dataset, collate_fn=data.collate_fn)
@@ -43,10 +43,11 @@ def _from_dataset(dataset, collate_fn) -> tuple[Tensor, Tensor]:
                         "cannot be revisited by every chain") from err
     if size == 0:
         raise ValueError("data is empty: the dataset has no examples")
-    loader = DataLoader(dataset, batch_size=min(size, 4096), shuffle=False,
-                        **({"collate_fn": collate_fn} if collate_fn is not None else {}))
+    # Not through a DataLoader: creating its iterator draws a seed from the global RNG.
+    collate = collate_fn if collate_fn is not None else default_collate
     xs, ys = [], []
-    for batch in loader:
+    for start in range(0, size, 4096):
+        batch = collate([dataset[i] for i in range(start, min(size, start + 4096))])
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("each batch of data must be a pair (inputs, targets)")
         xs.append(batch[0])

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from slt_probe import known_models
+
+
+@pytest.fixture
+def regular_problem():
+    """Regular linear regression (λ = d/2 = 5) at its least-squares minimum."""
+    return known_models.regular(d_in=10, d_out=1, n=5_000, seed=0).settle()
+
+
+@pytest.fixture
+def tiny_classifier():
+    torch.manual_seed(123)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(300, 4)
+    y = torch.randint(0, 3, (300,))
+    return model, x, y

@@ -1,0 +1,201 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import slt_probe
+from slt_probe import SGLD, estimate_llc
+from slt_probe.samplers import SamplerState
+
+FAST = dict(num_chains=2, num_draws=20, batch_size=64, verbose=False)
+
+
+def test_known_truth_regular_model_within_ten_percent(regular_problem):
+    p = regular_problem
+    result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn,
+                          sampler=SGLD(lr=3e-5, localization=1.0), num_chains=4,
+                          num_draws=1500, num_burnin=300, batch_size=500, seed=0, verbose=False)
+    assert float(p.true_lambda) == 5.0
+    assert result.llc_mean == pytest.approx(5.0, rel=0.10)
+    assert result.effective_params == pytest.approx(2 * result.llc_mean)
+    assert result.nbeta == pytest.approx(5000 / math.log(5000))
+    assert result.diagnostics["healthy"]
+
+
+def test_restricting_to_half_the_weights_halves_lambda(regular_problem):
+    p = regular_problem
+    mask = {"weight": torch.arange(10).reshape(1, 10) < 4}
+    result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn,
+                          sampler=SGLD(lr=3e-5, localization=1.0), num_chains=4,
+                          num_draws=1500, num_burnin=300, batch_size=500, restrict_to=mask,
+                          verbose=False)
+    assert result.config["num_sampled_params"] == 4
+    assert result.llc_mean == pytest.approx(2.0, rel=0.15)
+
+
+def test_same_seed_same_result_other_seed_differs(tiny_classifier):
+    model, x, y = tiny_classifier
+    a = estimate_llc(model, (x, y), seed=3, **FAST)
+    b = estimate_llc(model, (x, y), seed=3, **FAST)
+    c = estimate_llc(model, (x, y), seed=4, **FAST)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    assert a.llc_mean == b.llc_mean
+    assert not np.array_equal(a.loss_trace, c.loss_trace)
+
+
+def test_estimation_leaves_model_grads_mode_and_global_rng_untouched(tiny_classifier):
+    model, x, y = tiny_classifier
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    for backend in ("native", "devinterp"):
+        estimate_llc(model, (x, y), backend=backend, **FAST)
+        assert model.training
+        for p, before, g in zip(model.parameters(), params, grads):
+            assert torch.equal(p.detach(), before)
+            assert torch.equal(p.grad, g)
+            assert p.requires_grad
+        assert torch.equal(torch.get_rng_state(), rng), backend
+
+
+def test_dataloader_dataset_and_tuple_give_identical_estimates(tiny_classifier):
+    model, x, y = tiny_classifier
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(dataset, batch_size=17, shuffle=True)
+    rng = torch.get_rng_state()
+    results = [estimate_llc(model, data, **FAST) for data in ((x, y), dataset, loader)]
+    assert torch.equal(torch.get_rng_state(), rng), "reading a shuffling loader used global RNG"
+    assert results[0].llc_mean == results[1].llc_mean == results[2].llc_mean
+
+
+@pytest.mark.parametrize("data, message", [
+    ((torch.empty(0, 4), torch.empty(0, dtype=torch.long)), "empty"),
+    ((torch.randn(10, 4), torch.randint(0, 3, (9,))), "different numbers"),
+    ((torch.randn(10, 4),), r"\(x, y\)"),
+])
+def test_bad_data_is_named(tiny_classifier, data, message):
+    model, _, _ = tiny_classifier
+    with pytest.raises(ValueError, match=message):
+        estimate_llc(model, data, **FAST)
+
+
+def test_bad_data_type_is_named(tiny_classifier):
+    model, _, _ = tiny_classifier
+    with pytest.raises(TypeError, match="data must be"):
+        estimate_llc(model, "not data", **FAST)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"num_chains": 0}, ValueError, "num_chains"),
+    ({"num_draws": 0}, ValueError, "num_draws"),
+    ({"estimator": "magic"}, ValueError, "estimator"),
+    ({"loss_on": "half"}, ValueError, "loss_on"),
+    ({"backend": "jax"}, ValueError, "backend"),
+    ({"loss_fn": "hinge"}, ValueError, "loss_fn"),
+    ({"sampler": "sgld"}, TypeError, "sampler"),
+    ({"restrict_to": ["nope"]}, ValueError, "unknown parameter"),
+])
+def test_bad_arguments_are_named(tiny_classifier, kwargs, error, message):
+    model, x, y = tiny_classifier
+    with pytest.raises(error, match=message):
+        estimate_llc(model, (x, y), **{**FAST, **kwargs})
+
+
+def test_nbeta_and_lr_must_be_positive():
+    with pytest.raises(ValueError, match="nbeta"):
+        SGLD(nbeta=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        SGLD(lr=0.0)
+
+
+def test_model_without_trainable_parameters_is_rejected(tiny_classifier):
+    model, x, y = tiny_classifier
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        estimate_llc(model, (x, y), **FAST)
+
+
+def test_nan_weights_are_rejected(tiny_classifier):
+    model, x, y = tiny_classifier
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        estimate_llc(model, (x, y), **FAST)
+
+
+def test_huge_step_diverges_every_chain_and_suggests_smaller_lr(tiny_classifier):
+    model, x, y = tiny_classifier
+    with pytest.raises(RuntimeError, match="smaller lr"):
+        estimate_llc(model, (x, y), sampler=SGLD(lr=1e3), **FAST)
+
+
+class _BreaksChainOne(SGLD):
+    """An SGLD that pushes chain 1 to NaN at its third step."""
+
+    def step(self, state, grad, noise, *, w_star, nbeta):
+        out = super().step(state, grad, noise, w_star=w_star, nbeta=nbeta)
+        self.calls = getattr(self, "calls", 0)
+        object.__setattr__(self, "calls", self.calls + 1)
+        if self.calls == 3:
+            out.w[1] = float("nan")
+        return SamplerState(out.w, out.aux)
+
+
+def test_a_diverging_chain_is_flagged_and_excluded(tiny_classifier):
+    model, x, y = tiny_classifier
+    with pytest.warns(RuntimeWarning, match=r"chains \[1\] diverged"):
+        result = estimate_llc(model, (x, y), sampler=_BreaksChainOne(lr=1e-4), num_chains=3,
+                              num_draws=10, batch_size=64, verbose=False)
+    flags = result.diagnostics["chains"]
+    assert flags[1]["diverged"] and flags[1]["diverged_at_step"] == 3
+    assert not flags[0]["diverged"] and not flags[2]["diverged"]
+    assert np.isnan(result.llc_per_chain[1])
+    assert result.llc_mean == pytest.approx(np.mean(result.llc_per_chain[[0, 2]]))
+    assert not result.diagnostics["healthy"]
+
+
+def test_progress_bar_shows_and_can_be_silenced(tiny_classifier, capsys):
+    model, x, y = tiny_classifier
+    estimate_llc(model, (x, y), **{**FAST, "verbose": True})
+    assert "chains" in capsys.readouterr().err
+    estimate_llc(model, (x, y), **FAST)
+    assert capsys.readouterr().err == ""
+
+
+def test_result_is_json_serialisable_and_records_settings(tiny_classifier, tmp_path):
+    model, x, y = tiny_classifier
+    result = estimate_llc(model, (x, y), sampler=SGLD(lr=1e-4, nbeta=50.0), **FAST)
+    assert result.nbeta == 50.0
+    assert result.loss_trace.shape == (2, 20)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["config"]["nbeta_source"] == "sampler"
+    assert data["config"]["sampler"]["type"] == "SGLD"
+    assert set(data["diagnostics"]) >= {"rhat", "ess", "frac_below_init", "chains", "healthy"}
+    result.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["llc_mean"] == result.llc_mean
+
+
+def test_full_data_loss_agrees_with_minibatch_estimators(regular_problem):
+    p = regular_problem
+    common = dict(loss_fn=p.loss_fn, sampler=SGLD(lr=3e-5, localization=1.0), num_chains=4,
+                  num_draws=600, num_burnin=300, batch_size=500, seed=1, verbose=False)
+    full = estimate_llc(p.model, (p.x, p.y), loss_on="full", **common)
+    cv = estimate_llc(p.model, (p.x, p.y), **common)
+    assert full.config["loss_on"] == "full"
+    assert abs(full.llc_mean - cv.llc_mean) < 3 * (full.llc_sem + cv.llc_sem)
+
+
+@pytest.mark.parametrize("sampler", [slt_probe.RMSPropSGLD(lr=1e-3, localization=1.0),
+                                     slt_probe.SGNHT(lr=1e-5, localization=1.0)])
+def test_other_samplers_run_to_a_finite_positive_estimate(regular_problem, sampler):
+    p = regular_problem
+    result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler=sampler,
+                          num_chains=2, num_draws=300, num_burnin=100, batch_size=500,
+                          verbose=False)
+    assert 1.0 < result.llc_mean < 15.0  # true λ is 5; these are not tuned here

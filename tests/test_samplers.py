@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from slt_probe import SGLD, SGNHT, RMSPropSGLD
+from slt_probe.losses import resolve_loss
+from slt_probe.stacked import StackedModel
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"lr": 0.0}, "lr"), ({"lr": -1e-3}, "lr"), ({"localization": -1.0}, "localization"),
+    ({"nbeta": 0.0}, "nbeta"), ({"nbeta": -5.0}, "nbeta"), ({"lr": float("nan")}, "lr")])
+def test_sampler_rejects_bad_settings(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SGLD(**kwargs)
+
+
+def test_sampler_rejects_non_numbers():
+    with pytest.raises(TypeError, match="lr"):
+        SGLD(lr="big")
+
+
+def test_rmsprop_and_sgnht_check_their_own_settings():
+    with pytest.raises(ValueError, match="alpha"):
+        RMSPropSGLD(alpha=1.0)
+    with pytest.raises(ValueError, match="diffusion_factor"):
+        SGNHT(diffusion_factor=0.0)
+
+
+def test_sgld_without_noise_is_gradient_descent_with_localisation_pull():
+    sampler = SGLD(lr=0.01, localization=3.0)
+    w_star = torch.zeros(2, 5)
+    w = torch.randn(2, 5)
+    grad = torch.randn(2, 5)
+    state = sampler.init(w_star, torch.Generator(), None)
+    state.w = w.clone()
+    out = sampler.step(state, grad, torch.zeros_like(w), w_star=w_star, nbeta=7.0)
+    expected = w - 0.5 * 0.01 * (7.0 * grad + 3.0 * (w - w_star))
+    torch.testing.assert_close(out.w, expected)
+    torch.testing.assert_close(state.w, w, msg="step must not modify its input state")
+
+
+def test_sgld_noise_scales_with_sqrt_lr():
+    sampler = SGLD(lr=0.04, localization=0.0)
+    w = torch.zeros(1, 3)
+    noise = torch.tensor([[1.0, -2.0, 0.5]])
+    out = sampler.step(sampler.init(w, torch.Generator(), None), torch.zeros_like(w), noise,
+                       w_star=w, nbeta=1.0)
+    torch.testing.assert_close(out.w, 0.2 * noise)
+
+
+@pytest.mark.parametrize("sampler", [SGLD(lr=1e-3), RMSPropSGLD(lr=1e-3),
+                                     SGNHT(lr=1e-3, localization=1.0)])
+def test_same_noise_gives_same_step(sampler):
+    w_star = torch.randn(3, 6)
+    grad, noise = torch.randn(3, 6), torch.randn(3, 6)
+    a = sampler.step(sampler.init(w_star, torch.Generator().manual_seed(1), None), grad, noise,
+                     w_star=w_star, nbeta=10.0)
+    b = sampler.step(sampler.init(w_star, torch.Generator().manual_seed(1), None), grad, noise,
+                     w_star=w_star, nbeta=10.0)
+    torch.testing.assert_close(a.w, b.w)
+    assert a.w.shape == (3, 6)
+
+
+def test_rmsprop_first_step_matches_formula():
+    sampler = RMSPropSGLD(lr=0.01, localization=2.0, eps=0.1)
+    w_star = torch.zeros(1, 4)
+    grad = torch.tensor([[1.0, -2.0, 0.0, 3.0]])
+    noise = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    out = sampler.step(sampler.init(w_star, torch.Generator(), None), grad, noise,
+                       w_star=w_star, nbeta=2.0)
+    precond = 1.0 / ((2.0 * grad).abs() + 0.1)
+    expected = -0.005 * precond * (2.0 * grad) + torch.sqrt(0.01 * precond) * noise
+    torch.testing.assert_close(out.w, expected)
+
+
+def test_sgnht_thermostat_tracks_kinetic_energy():
+    sampler = SGNHT(lr=0.01, diffusion_factor=0.01)
+    w_star = torch.zeros(2, 50)
+    state = sampler.init(w_star, torch.Generator().manual_seed(0), None)
+    out = sampler.step(state, torch.zeros_like(w_star), torch.zeros_like(w_star), w_star=w_star,
+                       nbeta=1.0)
+    momentum = state.aux["momentum"] * (1 - 0.01)
+    torch.testing.assert_close(out.w, momentum)
+    expected = 0.01 + momentum.square().mean(dim=1, keepdim=True) - 0.01
+    torch.testing.assert_close(out.aux["thermostat"], expected)
+
+
+def test_batched_chains_equal_a_per_chain_loop(tiny_classifier):
+    model, x, y = tiny_classifier
+    stacked = StackedModel(model, resolve_loss("cross_entropy"))
+    w0 = stacked.flatten(model)
+    chains = 3
+    w = w0 + 0.1 * torch.randn(chains, stacked.dim)
+    idx = torch.stack([torch.randperm(len(x))[:32] for _ in range(chains)])
+    losses, grads = stacked.loss_and_grad(w, x[idx], y[idx])
+    for c in range(chains):
+        clone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        torch.nn.utils.vector_to_parameters(w[c], clone.parameters())
+        loss = torch.nn.functional.cross_entropy(clone(x[idx[c]]), y[idx[c]])
+        loss.backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in clone.parameters()])
+        assert math.isclose(float(losses[c]), loss.item(), rel_tol=1e-5)
+        torch.testing.assert_close(grads[c], expected, rtol=1e-4, atol=1e-6)
