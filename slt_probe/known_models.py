@@ -107,3 +107,28 @@ def regular(d_in: int = 20, d_out: int = 1, n: int = 20_000, seed: int = 0) -> K
         y = model(x) + torch.randn(n, d_out, generator=g)
     return KnownProblem(f"regular d={d_in * d_out}", model, x, y,
                         regular_lambda(d_in * d_out))
+
+
+@dataclass(frozen=True)
+class KnownCase:
+    """A named solvable problem with sampler settings that were checked to land within 10 %."""
+
+    key: str
+    make: object  # () -> KnownProblem
+    lr: float
+    num_chains: int
+    num_draws: int
+    num_burnin: int
+    localization: float = 1.0
+    batch_size: int = 500
+
+
+CASES = {case.key: case for case in [
+    KnownCase("regular-20", lambda: regular(20, 1, 20_000), 1e-5, 8, 4000, 1000),
+    KnownCase("rrr-5-4-5-r0", lambda: deep_linear([5, 4, 5], 0, 50_000), 2e-5, 8, 6000, 2000),
+    KnownCase("rrr-3-2-3-r1", lambda: deep_linear([3, 2, 3], 1, 50_000), 5e-6, 32, 4000, 4000),
+    KnownCase("rrr-4-3-2-r1", lambda: deep_linear([4, 3, 2], 1, 50_000), 3e-6, 32, 4000, 4000),
+    KnownCase("rrr-3-6-3-r1", lambda: deep_linear([3, 6, 3], 1, 50_000), 7e-6, 8, 4000, 2000),
+    KnownCase("monomial-1-2", lambda: monomial(1, 2, 20_000), 5e-4, 32, 4000, 4000),
+    KnownCase("monomial-1-3", lambda: monomial(1, 3, 20_000), 1e-3, 32, 4000, 4000),
+]}
