@@ -72,11 +72,11 @@ class SGLD(Sampler):
     name: ClassVar[str] = "sgld"
 
     def step(self, state, grad, noise, *, w_star, nbeta):
-        w = state.w
-        new_w = torch.add(w, noise, alpha=math.sqrt(self.lr))
+        # w − (εγ/2)(w − w*) is a lerp toward w*: one pass instead of two.
+        pull = 0.5 * self.lr * self.localization
+        new_w = torch.lerp(state.w, w_star, pull) if pull else state.w.clone()
+        new_w.add_(noise, alpha=math.sqrt(self.lr))
         new_w.add_(grad, alpha=-0.5 * self.lr * nbeta)
-        if self.localization:
-            new_w.add_(w - w_star, alpha=-0.5 * self.lr * self.localization)
         return SamplerState(w=new_w, aux=state.aux)
 
     def drift(self, w: Tensor, grad: Tensor, *, w_star: Tensor, nbeta: float) -> Tensor:
