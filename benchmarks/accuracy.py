@@ -38,6 +38,31 @@ def run_case(case, estimator, lr=None, seed=0):
             "seconds": time.perf_counter() - start}
 
 
+def control_variate_vs_plain(seeds=range(8)):
+    """Partial epochs (n = 20,000, batch 128, 500 draws = 3.2 epochs), where minibatch noise
+    does not average out over whole passes: spread of λ̂ over seeds for each estimator."""
+    import numpy as np
+
+    problem = km.regular(20, 1, 20_000).settle()
+    out = []
+    for estimator in ("control_variate", "plain"):
+        values, chain_stds, seconds = [], [], 0.0
+        for seed in seeds:
+            start = time.perf_counter()
+            r = estimate_llc(problem.model, (problem.x, problem.y), loss_fn=problem.loss_fn,
+                             sampler=SGLD(lr=1e-5, localization=1.0), num_chains=4,
+                             num_draws=500, num_burnin=200, batch_size=128,
+                             estimator=estimator, seed=seed, verbose=False)
+            seconds += time.perf_counter() - start
+            values.append(r.llc_mean)
+            chain_stds.append(r.llc_std)
+        out.append({"estimator": estimator, "mean": float(np.mean(values)),
+                    "std_over_seeds": float(np.std(values, ddof=1)),
+                    "mean_chain_std": float(np.mean(chain_stds)),
+                    "seconds_per_estimate": seconds / len(values)})
+    return out
+
+
 def write_csv(path, rows):
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -77,6 +102,17 @@ def main(argv=None):
     for r in bias:
         lines.append(f"| {r['lr']:g} | {r['llc_mean']:.3f} ± {r['llc_std']:.3f} | "
                      f"{r['relative_error']:+.1%} |")
+    versus = control_variate_vs_plain()
+    write_csv(out / "control_variate.csv", versus)
+    lines += ["", "Both estimators give identical numbers above: every run covers whole epochs of "
+              "its chain's own shuffled passes, so the mean of L_b(w*) over the draws is exactly "
+              "L_n(w*). With partial epochs (regular d = 20, n = 20,000, batch 128, 4 chains × "
+              "500 draws, burn-in 200, ε = 1e-5, 8 seeds) the control variate matters:", "",
+              "| estimator | mean λ̂ | std over seeds | mean chain std | s per estimate |",
+              "|---|---|---|---|---|"]
+    for r in versus:
+        lines.append(f"| {r['estimator']} | {r['mean']:.3f} | {r['std_over_seeds']:.3f} | "
+                     f"{r['mean_chain_std']:.3f} | {r['seconds_per_estimate']:.2f} |")
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -67,9 +67,17 @@ def effective_sample_size(trace: np.ndarray) -> float:
     return float(num_chains * n / tau)
 
 
+# Thresholds of the health verdict. MALA acceptance of SGLD proposals near 0.9 is healthy
+# (Lau et al.); near 0 the step is far too large, near 1 chains barely move per step.
+ACCEPTANCE_BAND = (0.5, 0.995)
+RHAT_LIMIT = 1.1
+BELOW_INIT_LIMIT = 0.4
+
+
 def chain_flags(llc_trace: np.ndarray, below_init: np.ndarray, diverged: np.ndarray,
-                diverged_at: list[int | None]) -> list[dict]:
-    """Per-chain health: divergence, fraction below the initial loss, drift between halves."""
+                diverged_at: list[int | None], acceptance: np.ndarray | None = None) -> list[dict]:
+    """Per-chain health: divergence, fraction below the initial loss, drift between halves,
+    mean MALA acceptance."""
     flags = []
     for c in range(llc_trace.shape[0]):
         row = llc_trace[c]
@@ -78,6 +86,9 @@ def chain_flags(llc_trace: np.ndarray, below_init: np.ndarray, diverged: np.ndar
         first, last = (float(finite[:half].mean()), float(finite[half:].mean())) if half else (
             float("nan"), float("nan"))
         spread = float(finite.std()) if len(finite) > 1 else float("nan")
+        accept = float(np.nanmean(acceptance[:, c])) if (
+            acceptance is not None and len(acceptance) and np.isfinite(acceptance[:, c]).any()
+        ) else float("nan")
         flags.append({
             "chain": c,
             "diverged": bool(diverged[c]),
@@ -87,5 +98,49 @@ def chain_flags(llc_trace: np.ndarray, below_init: np.ndarray, diverged: np.ndar
             "second_half_llc": last,
             # Half-means differing by more than a third of the per-draw spread: still moving.
             "stationary": bool(half and abs(last - first) <= max(spread / 3, 1e-12)),
+            "mala_acceptance": accept,
         })
     return flags
+
+
+def diagnose(llc_trace: np.ndarray, loss: np.ndarray, reference: np.ndarray,
+             diverged: np.ndarray, diverged_at: list, acceptance: np.ndarray | None) -> dict:
+    """Everything ``LLCResult.diagnostics`` holds, with a ``healthy`` verdict and warnings."""
+    alive = ~np.asarray(diverged, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        below = np.nanmean(loss < reference, axis=1)
+    flags = chain_flags(llc_trace, below, ~alive, diverged_at, acceptance)
+    live = llc_trace[alive]
+    rhat = split_rhat(live) if len(live) > 1 else float("nan")
+    accept_all = float(np.nanmean(acceptance)) if (
+        acceptance is not None and len(acceptance) and np.isfinite(acceptance).any()) else float("nan")
+    warnings = []
+    for f in flags:
+        if f["diverged"]:
+            warnings.append(f"chain {f['chain']} diverged at step {f['diverged_at_step']} and was "
+                            "excluded: lower lr")
+        elif not f["stationary"]:
+            direction = "still climbing" if f["second_half_llc"] > f["first_half_llc"] else "still falling"
+            warnings.append(f"chain {f['chain']} {direction} (λ̂ {f['first_half_llc']:.3g} in the "
+                            f"first half, {f['second_half_llc']:.3g} in the second): increase "
+                            "num_draws/num_burnin or localization")
+    if np.isfinite(rhat) and rhat > RHAT_LIMIT:
+        warnings.append(f"R-hat {rhat:.2f} > {RHAT_LIMIT}: chains disagree; run longer or check "
+                        "that w* is a minimum")
+    if np.isfinite(accept_all) and not ACCEPTANCE_BAND[0] <= accept_all <= ACCEPTANCE_BAND[1]:
+        hint = "lr too large" if accept_all < ACCEPTANCE_BAND[0] else "lr may be too small"
+        warnings.append(f"MALA acceptance {accept_all:.3f} outside {ACCEPTANCE_BAND}: {hint}")
+    frac_below = float(np.nanmean(loss < reference)) if np.isfinite(loss).any() else float("nan")
+    if np.isfinite(frac_below) and frac_below > BELOW_INIT_LIMIT:
+        warnings.append(f"{frac_below:.0%} of draws fall below L(w*): w* may not be a local "
+                        "minimum, or lr is too small / nbeta too large")
+    return {
+        "chains": flags,
+        "num_diverged": int((~alive).sum()),
+        "rhat": rhat,
+        "ess": effective_sample_size(live),
+        "frac_below_init": frac_below,
+        "mala_acceptance": accept_all,
+        "healthy": not warnings,
+        "warnings": warnings,
+    }

@@ -15,11 +15,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .estimator import DrawRecord
-from .samplers import Sampler
+from .samplers import SGLD, Sampler
 from .stacked import StackedModel
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
 DIVERGENCE_FACTOR = 1000.0
+# MALA acceptance is computed on about this many draws per estimate (each costs a few
+# passes over chains × d, so not on every draw).
+MALA_SAMPLES = 50
 
 
 class ChainDriver:
@@ -54,6 +57,9 @@ class ChainDriver:
         state = self.sampler.init(self.w_star.contiguous(), self.generator, self.mask)
         noise = torch.empty_like(state.w)
         total = num_burnin + num_draws
+        track_mala = isinstance(self.sampler, SGLD) and type(self.sampler).step is SGLD.step
+        mala_every = max(1, num_draws // MALA_SAMPLES)
+        pending = None  # (w_t, U_t, ‖ξ_t‖²) of a step whose proposal is judged next step
         with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
                   leave=False, unit="step") as bar:
             for step in range(total):
@@ -61,8 +67,11 @@ class ChainDriver:
                 xb, yb = self.x[idx], self.y[idx]
                 losses, grads = self.stacked.loss_and_grad(state.w, xb, yb)
                 losses = losses.detach()
+                if self.mask is not None:
+                    grads.mul_(self.mask)
+                star_batch = self.star_losses[idx].mean(dim=1)
                 if self.estimator == "control_variate":
-                    reference = self.star_losses[idx].mean(dim=1)
+                    reference = star_batch
                 else:
                     reference = torch.full_like(losses, self.init_loss, dtype=torch.float64)
                 recorded = losses
@@ -70,17 +79,46 @@ class ChainDriver:
                     recorded = self.stacked.full_losses(state.w, self.x, self.y)
                     reference = torch.full_like(recorded, self.init_loss)
                 self._catch_divergence(step, losses, grads, reference, state)
+                acceptance = None
+                if pending is not None:
+                    acceptance = self._mala_acceptance(pending, state.w, losses, grads,
+                                                       star_batch)
+                    pending = None
                 if step >= num_burnin:
                     yield DrawRecord(step=step, loss=recorded.double().cpu().numpy(),
                                      reference=reference.double().cpu().numpy(),
-                                     alive=~self.diverged.copy())
+                                     alive=~self.diverged.copy(), acceptance=acceptance)
                 torch.randn(noise.shape, generator=self.generator, out=noise)
                 if self.mask is not None:
                     noise.mul_(self.mask)
-                    grads.mul_(self.mask)
+                if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
+                    pending = (state.w, self._energy(state.w, losses, star_batch),
+                               noise.double().square().sum(dim=1))
                 state = self.sampler.step(state, grads, noise, w_star=self.w_star,
                                           nbeta=self.nbeta)
                 bar.update(1)
+
+    def _energy(self, w: Tensor, losses: Tensor, star_batch: Tensor) -> Tensor:
+        """U(w) − U(w*) = nβ·(L(w) − L(w*)) + γ/2‖w − w*‖², with the loss difference read
+        on one minibatch (the control variate) so consecutive draws compare fairly."""
+        gamma = self.sampler.localization
+        energy = self.nbeta * (losses.double() - star_batch)
+        if gamma:
+            energy = energy + 0.5 * gamma * (w - self.w_star).double().square().sum(dim=1)
+        return energy
+
+    def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,
+                         star_batch: Tensor) -> np.ndarray:
+        """Metropolis–Hastings acceptance probability of the SGLD proposal w_t → w_{t+1}
+        on the potential nβ·L + γ/2‖w − w*‖², computed but never used to reject."""
+        w_old, energy_old, noise_sq = pending
+        lr = self.sampler.lr
+        drift = self.sampler.drift(w_new, grads, w_star=self.w_star, nbeta=self.nbeta)
+        reverse = (w_old - w_new + 0.5 * lr * drift).double().square().sum(dim=1)
+        log_alpha = (energy_old - self._energy(w_new, losses, star_batch)
+                     - reverse / (2 * lr) + 0.5 * noise_sq)
+        accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()
+        return np.where(self.diverged, np.nan, accept)
 
     def _catch_divergence(self, step, losses, grads, reference, state) -> None:
         # Only the losses are checked: a non-finite gradient makes w non-finite, which the

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .diagnostics import chain_flags, effective_sample_size, split_rhat
+from .diagnostics import diagnose
 
 ESTIMATORS = ("control_variate", "plain")
 LOSS_ON = ("minibatch", "full")
@@ -31,6 +31,7 @@ class DrawRecord:
     loss: np.ndarray  # (chains,) L at w_t (minibatch or full data)
     reference: np.ndarray  # (chains,) L_b(w*) on the same minibatch, or L_n(w*)
     alive: np.ndarray  # (chains,) bool: chain has not diverged
+    acceptance: np.ndarray | None = None  # (chains,) MALA acceptance of the last proposal
 
 
 class LLCAccumulator:
@@ -41,17 +42,21 @@ class LLCAccumulator:
         self.init_loss = init_loss
         self.loss = np.full((num_chains, num_draws), np.nan)
         self.reference = np.full((num_chains, num_draws), np.nan)
+        self.acceptance: list[np.ndarray] = []
         self.count = 0
 
     def reset(self) -> None:
         self.loss[:] = np.nan
         self.reference[:] = np.nan
+        self.acceptance = []
         self.count = 0
 
     def update(self, record: DrawRecord) -> None:
         i = self.count
         self.loss[:, i] = np.where(record.alive, record.loss, np.nan)
         self.reference[:, i] = np.where(record.alive, record.reference, np.nan)
+        if record.acceptance is not None:
+            self.acceptance.append(np.asarray(record.acceptance, dtype=float))
         self.count += 1
 
     def compute(self, *, diverged: np.ndarray, diverged_at: list, config: dict) -> "LLCResult":
@@ -70,20 +75,8 @@ class LLCAccumulator:
             warnings.warn(f"chains {np.flatnonzero(~alive).tolist()} diverged and are excluded "
                           "from the estimate; consider a smaller lr", RuntimeWarning, stacklevel=3)
         kept = per_chain[alive]
-        below = np.nanmean(loss < reference, axis=1)
-        flags = chain_flags(llc_trace, below, ~alive, diverged_at)
-        live_trace = llc_trace[alive]
-        diagnostics = {
-            "chains": flags,
-            "num_diverged": int((~alive).sum()),
-            "rhat": split_rhat(live_trace) if len(live_trace) > 1 else float("nan"),
-            "ess": effective_sample_size(live_trace),
-            "frac_below_init": float(np.nanmean(loss < reference)),
-        }
-        diagnostics["healthy"] = bool(
-            diagnostics["num_diverged"] == 0
-            and (not math.isfinite(diagnostics["rhat"]) or diagnostics["rhat"] < 1.1)
-            and all(f["stationary"] for f in flags if not f["diverged"]))
+        acceptance = np.stack(self.acceptance) if self.acceptance else None
+        diagnostics = diagnose(llc_trace, loss, reference, ~alive, diverged_at, acceptance)
         mean = float(kept.mean())
         std = float(kept.std(ddof=1)) if len(kept) > 1 else float("nan")
         return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, loss_trace=loss,

@@ -199,3 +199,37 @@ def test_other_samplers_run_to_a_finite_positive_estimate(regular_problem, sampl
                           num_chains=2, num_draws=300, num_burnin=100, batch_size=500,
                           verbose=False)
     assert 1.0 < result.llc_mean < 15.0  # true λ is 5; these are not tuned here
+
+
+def test_mala_acceptance_falls_as_the_step_grows(regular_problem):
+    p = regular_problem
+    accept = []
+    for lr in (1e-5, 1e-4, 1e-3, 3e-3):
+        r = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn,
+                         sampler=SGLD(lr=lr, localization=1.0), num_chains=4, num_draws=200,
+                         num_burnin=100, batch_size=5000, verbose=False)
+        accept.append(r.diagnostics["mala_acceptance"])
+        assert all(0 <= f["mala_acceptance"] <= 1 for f in r.diagnostics["chains"])
+    assert accept[0] > 0.97, accept
+    assert all(a > b for a, b in zip(accept, accept[1:])), accept
+    assert accept[-1] < 0.7, accept
+
+
+def test_unconverged_chains_are_reported_with_advice(regular_problem):
+    p = regular_problem
+    r = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn,
+                     sampler=SGLD(lr=3e-6, localization=1.0), num_chains=2, num_draws=200,
+                     batch_size=500, verbose=False)
+    assert not r.diagnostics["healthy"]
+    assert any("still climbing" in w and "num_draws" in w for w in r.diagnostics["warnings"])
+
+
+def test_a_point_that_is_not_a_minimum_is_reported(regular_problem):
+    p = regular_problem
+    with torch.no_grad():
+        p.model.weight.add_(0.3)  # far from the least-squares minimum: chains slide downhill
+    r = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn,
+                     sampler=SGLD(lr=1e-5, localization=1.0), num_chains=2, num_draws=200,
+                     batch_size=500, verbose=False)
+    assert r.llc_mean < 0
+    assert any("below L(w*)" in w for w in r.diagnostics["warnings"])
