@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class EstimateSettings:
 
 
 def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
-                 sampler: Sampler | None = None, num_chains: int = 4, num_draws: int = 200,
+                 sampler: Sampler | str | None = None, num_chains: int = 4, num_draws: int = 200,
                  num_burnin: int = 0, batch_size: int = 128, seed: int = 0,
                  estimator: str = "control_variate", loss_on: str = "minibatch",
                  restrict_to=None, backend: str = "native", compile: bool = False,
@@ -77,6 +77,8 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior, sampled by
     ``sampler`` (default ``SGLD(lr=1e-4, localization=100)``, nβ = n/log n unless the
     sampler sets ``nbeta``). All chains advance together in one batched computation.
+    ``sampler="auto"`` first runs ``slt_probe.calibrate`` (short chains over ε × γ) and
+    records the choice and its evidence in ``result.config["calibration"]``.
 
     estimator: ``"control_variate"`` averages nβ·(L_b(w_t) − L_b(w*)) on the same minibatch
         b (same expectation as ``"plain"``, far less minibatch noise); ``"plain"`` is
@@ -88,7 +90,10 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     The model is evaluated in eval mode on a private copy; the user's model, its
     gradients and the global RNG are left exactly as they were.
     """
-    settings = EstimateSettings(sampler=sampler if sampler is not None else SGLD(),
+    auto = isinstance(sampler, str) and sampler == "auto"
+    if isinstance(sampler, str) and not auto:
+        raise ValueError(f"sampler must be a slt_probe sampler or 'auto', got {sampler!r}")
+    settings = EstimateSettings(sampler=SGLD() if sampler is None or auto else sampler,
                                 num_chains=num_chains, num_draws=num_draws,
                                 num_burnin=num_burnin, batch_size=batch_size, seed=seed,
                                 estimator=estimator, loss_on=loss_on, backend=backend)
@@ -96,8 +101,20 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     x, y = as_tensors(data)
     stacked = StackedModel(model, loss, compile=compile and backend == "native")
     w_star = stacked.flatten(model)
-    return run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
-                        verbose=verbose, model=model)
+    calibration = None
+    if auto:
+        from .calibration import calibrate
+
+        calibration = calibrate(model, (x, y), batch_size=batch_size, seed=seed,
+                                estimator=estimator, restrict_to=restrict_to, verbose=verbose,
+                                stacked=stacked)
+        settings = replace(settings, sampler=calibration.sampler,
+                           num_burnin=max(num_burnin, calibration.num_burnin))
+    result = run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
+                          verbose=verbose, model=model)
+    if calibration is not None:
+        result.config["calibration"] = calibration.to_dict()
+    return result
 
 
 def run_estimate(stacked: StackedModel, w_star: torch.Tensor, x, y, settings: EstimateSettings,

@@ -1,4 +1,5 @@
-"""Command line: ``slt-probe estimate`` (λ̂ on a bundled problem whose true λ is known)."""
+"""Command line: ``slt-probe estimate`` (λ̂ on a bundled problem whose true λ is known) and
+``slt-probe validate`` (the ground-truth suite under automatic calibration)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,14 @@ def _estimate(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    from .validation import validate
+
+    command = " ".join(["slt-probe", *sys.argv[1:]]) if sys.argv[1:] else "slt-probe validate"
+    validate(quick=args.quick, out=args.out, command=command, verbose=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slt-probe", description="Local learning "
                                      "coefficient (effective parameter count) estimates.")
@@ -64,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "('' to skip)")
     est.add_argument("--quiet", action="store_true", help="no progress bar")
     est.set_defaults(run=_estimate)
+    val = sub.add_parser("validate", help="ground-truth suite with automatic calibration only")
+    val.add_argument("--quick", action="store_true", help="the small cases only (< 5 min)")
+    val.add_argument("--out", default="results/validation")
+    val.set_defaults(run=_validate)
     return parser
 
 

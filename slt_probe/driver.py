@@ -79,10 +79,11 @@ class ChainDriver:
                     recorded = self.stacked.full_losses(state.w, self.x, self.y)
                     reference = torch.full_like(recorded, self.init_loss)
                 self._catch_divergence(step, losses, grads, reference, state)
+                if self.diverged.all():
+                    return  # nothing left to sample; the estimator reports it
                 acceptance = None
                 if pending is not None:
-                    acceptance = self._mala_acceptance(pending, state.w, losses, grads,
-                                                       star_batch)
+                    acceptance = self._mala_acceptance(pending, state.w, losses, grads, xb, yb)
                     pending = None
                 if step >= num_burnin:
                     yield DrawRecord(step=step, loss=recorded.double().cpu().numpy(),
@@ -92,31 +93,29 @@ class ChainDriver:
                 if self.mask is not None:
                     noise.mul_(self.mask)
                 if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
-                    pending = (state.w, self._energy(state.w, losses, star_batch),
-                               noise.double().square().sum(dim=1))
+                    pending = (state.w, noise.double().square().sum(dim=1))
                 state = self.sampler.step(state, grads, noise, w_star=self.w_star,
                                           nbeta=self.nbeta)
                 bar.update(1)
 
-    def _energy(self, w: Tensor, losses: Tensor, star_batch: Tensor) -> Tensor:
-        """U(w) − U(w*) = nβ·(L(w) − L(w*)) + γ/2‖w − w*‖², with the loss difference read
-        on one minibatch (the control variate) so consecutive draws compare fairly."""
-        gamma = self.sampler.localization
-        energy = self.nbeta * (losses.double() - star_batch)
-        if gamma:
-            energy = energy + 0.5 * gamma * (w - self.w_star).double().square().sum(dim=1)
-        return energy
-
     def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,
-                         star_batch: Tensor) -> np.ndarray:
+                         xb: Tensor, yb: Tensor) -> np.ndarray:
         """Metropolis–Hastings acceptance probability of the SGLD proposal w_t → w_{t+1}
-        on the potential nβ·L + γ/2‖w − w*‖², computed but never used to reject."""
-        w_old, energy_old, noise_sq = pending
-        lr = self.sampler.lr
+        on the potential U = nβ·L + γ/2‖w − w*‖², computed but never used to reject.
+
+        Both energies are read on the same minibatch (one extra forward at w_t), so the
+        batch-to-batch noise of L does not masquerade as a rejection.
+        """
+        w_old, noise_sq = pending
+        lr, gamma = self.sampler.lr, self.sampler.localization
+        loss_old = self.stacked.losses(w_old, xb, yb).double()
+        delta_u = self.nbeta * (losses.double() - loss_old)
+        if gamma:
+            delta_u += 0.5 * gamma * ((w_new - self.w_star).double().square().sum(dim=1)
+                                      - (w_old - self.w_star).double().square().sum(dim=1))
         drift = self.sampler.drift(w_new, grads, w_star=self.w_star, nbeta=self.nbeta)
         reverse = (w_old - w_new + 0.5 * lr * drift).double().square().sum(dim=1)
-        log_alpha = (energy_old - self._energy(w_new, losses, star_batch)
-                     - reverse / (2 * lr) + 0.5 * noise_sq)
+        log_alpha = -delta_u - reverse / (2 * lr) + 0.5 * noise_sq
         accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()
         return np.where(self.diverged, np.nan, accept)
 

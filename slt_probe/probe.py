@@ -160,9 +160,9 @@ class LLCProbe:
 
     def __init__(self, model: nn.Module, data, *, loss_fn="cross_entropy",
                  every: int | None = 200, steps: Iterable[int] | None = None,
-                 sampler: Sampler | None = None, num_chains: int = 4, num_draws: int = 200,
-                 num_burnin: int = 0, batch_size: int = 128, seed: int = 0,
-                 estimator: str = "control_variate", restrict_to=None,
+                 sampler: Sampler | str | None = None, num_chains: int = 4,
+                 num_draws: int = 200, num_burnin: int = 0, batch_size: int = 128,
+                 seed: int = 0, estimator: str = "control_variate", restrict_to=None,
                  log_dir: str | Path | None = None, at_start: bool = True,
                  compile: bool = False, verbose: bool = True):
         if data is None:
@@ -180,7 +180,12 @@ class LLCProbe:
         self.at_start = at_start
         self.verbose = verbose
         self.restrict_to = restrict_to
-        self.settings = EstimateSettings(sampler=sampler if sampler is not None else SGLD(),
+        if isinstance(sampler, str) and sampler != "auto":
+            raise ValueError(f"sampler must be a slt_probe sampler or 'auto', got {sampler!r}")
+        # "auto": calibrate once, at the first estimate, then hold the sampler fixed.
+        self._needs_calibration = sampler == "auto"
+        self.calibration = None
+        self.settings = EstimateSettings(sampler=SGLD() if sampler in (None, "auto") else sampler,
                                          num_chains=num_chains, num_draws=num_draws,
                                          num_burnin=num_burnin, batch_size=batch_size,
                                          seed=seed, estimator=estimator)
@@ -195,6 +200,22 @@ class LLCProbe:
                     "every": every, "steps": sorted(self.steps), "num_examples": len(self.x),
                     "num_params": self.stacked.dim, "versions": _versions()}
         self.log_file = TrajectoryLog(log_dir, manifest)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+
+    def use_calibration(self, calibration) -> None:
+        """Hold the sampler of a ``slt_probe.calibrate`` result fixed for every estimate."""
+        from dataclasses import replace
+
+        self.calibration = calibration
+        self._needs_calibration = False
+        self.settings = replace(self.settings, sampler=calibration.sampler,
+                                num_burnin=max(self.settings.num_burnin, calibration.num_burnin))
+        if self.log_dir is not None:
+            path = self.log_dir / MANIFEST_NAME
+            manifest = json.loads(path.read_text())
+            manifest["settings"] = self.settings.to_dict()
+            manifest["calibration"] = calibration.to_dict()
+            path.write_text(json.dumps(manifest, indent=1))
 
     # -- schedule -------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -208,6 +229,14 @@ class LLCProbe:
     def estimate(self, step: int) -> dict:
         """Estimate now and record it as ``step`` (training state is left untouched)."""
         started = time.perf_counter()
+        if self._needs_calibration:
+            from .calibration import calibrate
+
+            with preserved_state(self.model):
+                self.use_calibration(calibrate(
+                    self.model, (self.x, self.y), batch_size=self.settings.batch_size,
+                    seed=self.settings.seed, estimator=self.settings.estimator,
+                    restrict_to=self.restrict_to, verbose=self.verbose, stacked=self.stacked))
         with preserved_state(self.model):
             w_star = self.stacked.load_state(self.model.state_dict())
             result = run_estimate(self.stacked, w_star, self.x, self.y, self.settings,
@@ -282,7 +311,8 @@ def row_from_result(result, seconds: float) -> dict:
 
 
 def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iterable[int] | None = None,
-                   loss_fn="cross_entropy", sampler: Sampler | None = None, num_chains: int = 4,
+                   loss_fn="cross_entropy", sampler: Sampler | str | None = None,
+                   calibrate_on: int = -1, num_chains: int = 4,
                    num_draws: int = 200, num_burnin: int = 0, batch_size: int = 128,
                    seed: int = 0, estimator: str = "control_variate", restrict_to=None,
                    log_dir: str | Path | None = None, compile: bool = False,
@@ -291,7 +321,8 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iter
 
     ``model`` supplies the architecture; it is left as it was. Rows (one per checkpoint,
     at ``steps`` or 0, 1, 2, …) go to ``log_dir/llc.csv`` when given; steps already there
-    are skipped.
+    are skipped. ``sampler="auto"`` calibrates once on checkpoint ``calibrate_on`` (default:
+    the last, the most trained) and holds that sampler fixed for all of them.
     """
     checkpoints = list(checkpoints)
     if not checkpoints:
@@ -299,20 +330,34 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iter
     steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(checkpoints):
         raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
-    probe = LLCProbe(model, data, loss_fn=loss_fn, every=None, steps=steps, sampler=sampler,
+    auto = sampler == "auto"
+    probe = LLCProbe(model, data, loss_fn=loss_fn, every=None, steps=steps,
+                     sampler=None if auto else sampler,
                      num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
                      batch_size=batch_size, seed=seed, estimator=estimator,
                      restrict_to=restrict_to, log_dir=log_dir, compile=compile, verbose=False)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def load_checkpoint(checkpoint, step):
+        state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+        if not isinstance(state, Mapping):
+            raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
+        model.load_state_dict(state)
+
     try:
+        if auto:
+            from .calibration import calibrate
+
+            load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
+            probe.use_calibration(calibrate(model, data, loss_fn=loss_fn,
+                                            batch_size=batch_size, seed=seed,
+                                            estimator=estimator, restrict_to=restrict_to,
+                                            verbose=verbose, stacked=probe.stacked))
         for step, checkpoint in tqdm(list(zip(steps, checkpoints)), desc="checkpoints",
                                      disable=not verbose):
             if probe.log_file.has_llc(step):
                 continue
-            state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-            if not isinstance(state, Mapping):
-                raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
-            model.load_state_dict(state)
+            load_checkpoint(checkpoint, step)
             probe.estimate(step)
     finally:
         model.load_state_dict(original)

@@ -97,7 +97,8 @@ def test_bad_data_type_is_named(tiny_classifier):
     ({"loss_on": "half"}, ValueError, "loss_on"),
     ({"backend": "jax"}, ValueError, "backend"),
     ({"loss_fn": "hinge"}, ValueError, "loss_fn"),
-    ({"sampler": "sgld"}, TypeError, "sampler"),
+    ({"sampler": "sgld"}, ValueError, "sampler"),
+    ({"sampler": 3.0}, TypeError, "sampler"),
     ({"restrict_to": ["nope"]}, ValueError, "unknown parameter"),
 ])
 def test_bad_arguments_are_named(tiny_classifier, kwargs, error, message):

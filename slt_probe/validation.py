@@ -1,0 +1,132 @@
+"""Ground-truth validation: automatic calibration only, on problems whose λ is known.
+
+``slt-probe validate`` runs every case here with ``sampler="auto"`` (no per-case tuning),
+prints case, d, true λ, λ̂ ± std, relative error, healthy?, seconds, and writes CSV,
+Markdown and a log-log scatter of λ̂ against the truth. Cases that miss are kept.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import known_models as km
+from .api import estimate_llc
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    key: str
+    make: object  # () -> KnownProblem
+    quick: bool
+
+
+CASES = [
+    ValidationCase("monomial w1 w2^2", lambda: km.monomial(1, 2, 20_000), True),
+    ValidationCase("regular d=20", lambda: km.regular(20, 1, 20_000), True),
+    ValidationCase("rrr 5-4-5 r=0", lambda: km.deep_linear([5, 4, 5], 0, 50_000), True),
+    ValidationCase("rrr 3-2-3 r=1", lambda: km.deep_linear([3, 2, 3], 1, 50_000), True),
+    ValidationCase("deep linear 2-3-4-2 r=1", lambda: km.deep_linear([2, 3, 4, 2], 1, 50_000), True),
+    ValidationCase("deep linear 5-5-5-5 r=2", lambda: km.deep_linear([5, 5, 5, 5], 2, 50_000), True),
+    ValidationCase("monomial w1 w2^3", lambda: km.monomial(1, 3, 20_000), False),
+    ValidationCase("rrr 4-3-2 r=1", lambda: km.deep_linear([4, 3, 2], 1, 50_000), False),
+    ValidationCase("rrr 10-6-8 r=2", lambda: km.deep_linear([10, 6, 8], 2, 50_000), False),
+    ValidationCase("deep linear 6-4-5-3 r=2", lambda: km.deep_linear([6, 4, 5, 3], 2, 50_000), False),
+    ValidationCase("deep linear 10-8-8-10 r=3",
+                   lambda: km.deep_linear([10, 8, 8, 10], 3, 50_000), False),
+    ValidationCase("deep linear 58-58-58-58 r=4",
+                   lambda: km.deep_linear([58, 58, 58, 58], 4, 50_000), False),
+]
+
+
+def run_case(case: ValidationCase, *, num_chains: int, num_draws: int, seed: int = 0) -> dict:
+    started = time.perf_counter()
+    problem = case.make().settle()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = estimate_llc(problem.model, (problem.x, problem.y), loss_fn=problem.loss_fn,
+                              sampler="auto", num_chains=num_chains, num_draws=num_draws,
+                              batch_size=500, seed=seed, verbose=False)
+    truth = float(problem.true_lambda)
+    cal = result.config["calibration"]
+    return {"case": case.key, "d": problem.num_params, "n": len(problem.x),
+            "true_lambda": truth, "true_lambda_exact": str(problem.true_lambda),
+            "llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
+            "relative_error": (result.llc_mean - truth) / truth,
+            "healthy": result.diagnostics["healthy"],
+            "lr": cal["sampler"]["lr"], "localization": cal["sampler"]["localization"],
+            "num_burnin": result.config["num_burnin"], "num_draws": num_draws,
+            "num_chains": num_chains, "mala_acceptance": result.diagnostics["mala_acceptance"],
+            "calibration": cal["reason"], "seconds": time.perf_counter() - started}
+
+
+def markdown(rows: list[dict], command: str, tolerance: float = 0.10) -> str:
+    lines = [f"Measured with `{command}`: automatic calibration only (`sampler=\"auto\"`), "
+             f"batch 500, seed 0. ✗ marks a relative error above {tolerance:.0%}.", "",
+             "| case | d | true λ | λ̂ ± std | rel. error | healthy | ε, γ (auto) | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "" if abs(r["relative_error"]) <= tolerance else " ✗"
+        lines.append(f"| {r['case']} | {r['d']} | {r['true_lambda_exact']} | "
+                     f"{r['llc_mean']:.4g} ± {r['llc_std']:.2g} | "
+                     f"{r['relative_error']:+.1%}{mark} | {'yes' if r['healthy'] else 'no'} | "
+                     f"{r['lr']:.0e}, {r['localization']:g} | {r['seconds']:.0f} |")
+    hits = sum(abs(r["relative_error"]) <= tolerance for r in rows)
+    lines += ["", f"{hits} of {len(rows)} cases within {tolerance:.0%}."]
+    return "\n".join(lines) + "\n"
+
+
+def scatter(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    truth = [r["true_lambda"] for r in rows]
+    est = [max(r["llc_mean"], 1e-3) for r in rows]
+    ax.errorbar(truth, est, yerr=[r["llc_std"] for r in rows], fmt="o", ms=4, capsize=2)
+    lo, hi = min(truth + est) / 2, max(truth + est) * 2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="λ̂ = λ")
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="g", alpha=0.1,
+                    label="±10 %")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("true λ")
+    ax.set_ylabel("λ̂ (auto-calibrated)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def validate(*, quick: bool, out: str | Path, command: str, verbose: bool = True,
+             num_chains: int = 8, num_draws: int = 2000) -> list[dict]:
+    cases = [c for c in CASES if c.quick or not quick]
+    if quick:
+        num_draws = min(num_draws, 1000)
+    rows = []
+    header = f"{'case':30s} {'d':>6s} {'true λ':>9s} {'λ̂ ± std':>18s} {'rel.err':>8s} healthy  s"
+    if verbose:
+        print(header, flush=True)
+    for case in cases:
+        row = run_case(case, num_chains=num_chains, num_draws=num_draws)
+        rows.append(row)
+        if verbose:
+            print(f"{row['case']:30s} {row['d']:6d} {row['true_lambda']:9.4g} "
+                  f"{row['llc_mean']:9.4g} ± {row['llc_std']:<7.2g} {row['relative_error']:+8.1%} "
+                  f"{'yes' if row['healthy'] else 'no ':7s} {row['seconds']:4.0f}", flush=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "quick" if quick else "full"
+    with open(out / f"validation_{name}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"validation_{name}.md").write_text(markdown(rows, command))
+    scatter(rows, out / f"validation_{name}.png")
+    if verbose:
+        print(f"wrote {out}/validation_{name}.{{csv,md,png}}")
+    return rows
