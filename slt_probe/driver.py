@@ -20,9 +20,9 @@ from .stacked import StackedModel
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
 DIVERGENCE_FACTOR = 1000.0
-# MALA acceptance is computed on about this many draws per estimate (each costs a few
-# passes over chains × d, so not on every draw).
-MALA_SAMPLES = 50
+# MALA acceptance is computed on this many draws per estimate: each costs an extra forward
+# pass and a few passes over chains × d (about one sampler step), so not on every draw.
+MALA_SAMPLES = 10
 
 
 class ChainDriver:
@@ -93,7 +93,7 @@ class ChainDriver:
                 if self.mask is not None:
                     noise.mul_(self.mask)
                 if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
-                    pending = (state.w, noise.double().square().sum(dim=1))
+                    pending = (state.w, torch.linalg.vecdot(noise, noise, dim=1).double())
                 state = self.sampler.step(state, grads, noise, w_star=self.w_star,
                                           nbeta=self.nbeta)
                 bar.update(1)
@@ -107,15 +107,21 @@ class ChainDriver:
         batch-to-batch noise of L does not masquerade as a rejection.
         """
         w_old, noise_sq = pending
-        lr, gamma = self.sampler.lr, self.sampler.localization
+        lr, gamma, nbeta = self.sampler.lr, self.sampler.localization, self.nbeta
         loss_old = self.stacked.losses(w_old, xb, yb).double()
-        delta_u = self.nbeta * (losses.double() - loss_old)
+        delta_u = nbeta * (losses.double() - loss_old)
+        u_new = w_new - self.w_star
+        step = w_old - w_new
         if gamma:
-            delta_u += 0.5 * gamma * ((w_new - self.w_star).double().square().sum(dim=1)
-                                      - (w_old - self.w_star).double().square().sum(dim=1))
-        drift = self.sampler.drift(w_new, grads, w_star=self.w_star, nbeta=self.nbeta)
-        reverse = (w_old - w_new + 0.5 * lr * drift).double().square().sum(dim=1)
-        log_alpha = -delta_u - reverse / (2 * lr) + 0.5 * noise_sq
+            # ‖u_new‖² − ‖u_old‖² = −⟨w_old − w_new, u_new + u_old⟩: no cancellation.
+            u_pair = u_new.mul(2.0).add_(step)
+            delta_u -= 0.5 * gamma * torch.linalg.vecdot(step, u_pair, dim=1).double()
+        # w_t − w_{t+1} + ε/2·∇U(w_{t+1}), built in place on ``step``.
+        reverse = step.add_(grads, alpha=0.5 * lr * nbeta)
+        if gamma:
+            reverse.add_(u_new, alpha=0.5 * lr * gamma)
+        reverse_sq = torch.linalg.vecdot(reverse, reverse, dim=1).double()
+        log_alpha = -delta_u - reverse_sq / (2 * lr) + 0.5 * noise_sq
         accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()
         return np.where(self.diverged, np.nan, accept)
 

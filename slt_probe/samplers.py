@@ -79,10 +79,6 @@ class SGLD(Sampler):
         new_w.add_(grad, alpha=-0.5 * self.lr * nbeta)
         return SamplerState(w=new_w, aux=state.aux)
 
-    def drift(self, w: Tensor, grad: Tensor, *, w_star: Tensor, nbeta: float) -> Tensor:
-        """Gradient of the potential nβ·L + γ/2‖w − w*‖² (used by the MALA diagnostic)."""
-        return nbeta * grad + self.localization * (w - w_star)
-
 
 @dataclass(frozen=True)
 class RMSPropSGLD(Sampler):

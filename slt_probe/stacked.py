@@ -156,7 +156,11 @@ class StackedModel:
             else:
                 losses = vmap(self.loss.batch)(out, y)
             grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in self.names])
-        flat = torch.cat([g.reshape(chains, -1) for g in grads], dim=1)
+        # One strided copy per parameter into the flat buffer (reshape + cat would copy
+        # the non-contiguous gradients of batched matmuls twice).
+        flat = torch.empty_like(w)
+        for view, g in zip(self.views(flat).values(), grads):
+            view.copy_(g)
         return losses.detach(), flat
 
     def loss_and_grad(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,3 +44,18 @@ def test_more_degenerate_point_has_smaller_lambda():
     a = estimate_llc(low.model, (low.x, low.y), **kw)
     b = estimate_llc(high.model, (high.x, high.y), **kw)
     assert a.llc_mean < b.llc_mean
+
+
+@pytest.mark.slow
+def test_quick_validation_under_automatic_calibration(tmp_path):
+    """`slt-probe validate --quick`: the issue's bar is 10 % on every case; as measured when
+    this test was written, 4 of the 6 quick cases meet it (results/validation/). This guards
+    that level against regressions; it does not claim the bar is met."""
+    from slt_probe.validation import validate
+
+    rows = validate(quick=True, out=tmp_path, command="pytest", verbose=False)
+    errors = {r["case"]: r["relative_error"] for r in rows}
+    print(errors)
+    assert len(rows) == 6
+    assert sum(abs(e) <= 0.10 for e in errors.values()) >= 4
+    assert (tmp_path / "validation_quick.png").exists()
