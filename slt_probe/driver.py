@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .batching import MinibatchStream
 from .estimator import DrawRecord
 from .samplers import SGLD, Sampler
 from .stacked import StackedModel
@@ -50,8 +51,6 @@ class ChainDriver:
 
     def run(self, num_draws: int, num_burnin: int = 0, *, verbose: bool = True,
             desc: str = "LLC") -> Iterator[DrawRecord]:
-        from .batching import MinibatchStream
-
         chains, device = self.num_chains, self.stacked.device
         stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
         state = self.sampler.init(self.w_star.contiguous(), self.generator, self.mask)
@@ -59,7 +58,7 @@ class ChainDriver:
         total = num_burnin + num_draws
         track_mala = isinstance(self.sampler, SGLD) and type(self.sampler).step is SGLD.step
         mala_every = max(1, num_draws // MALA_SAMPLES)
-        pending = None  # (w_t, U_t, ‖ξ_t‖²) of a step whose proposal is judged next step
+        pending = None  # (w_t, ‖ξ_t‖²) of a step whose proposal is judged at the next step
         with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
                   leave=False, unit="step") as bar:
             for step in range(total):

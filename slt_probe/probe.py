@@ -78,7 +78,8 @@ def preserved_state(model: nn.Module):
 
 
 class TrajectoryLog:
-    """Rows keyed by step, rewritten atomically to CSV after every change."""
+    """Rows keyed by step, rewritten atomically to CSV on ``flush`` (after every estimate;
+    metrics logged between estimates are written with the next one or on detach)."""
 
     def __init__(self, log_dir: str | Path | None, manifest: dict):
         self.rows: dict[int, dict] = {}
@@ -104,16 +105,17 @@ class TrajectoryLog:
         value = self.rows.get(step, {}).get("llc_mean")
         return value is not None and value != ""
 
-    def update(self, step: int, values: Mapping) -> dict:
+    def update(self, step: int, values: Mapping, *, flush: bool = True) -> dict:
         row = self.rows.setdefault(step, {"step": step})
         row.update(values)
-        self._write()
+        if flush:
+            self.flush()
         return row
 
     def history(self) -> list[dict]:
         return [self.rows[s] for s in sorted(self.rows)]
 
-    def _write(self) -> None:
+    def flush(self) -> None:
         if self.path is None:
             return
         rows = self.history()
@@ -252,13 +254,14 @@ class LLCProbe:
         return self.estimate(step) if self.due(step) else None
 
     def log(self, step: int, **metrics) -> None:
-        """Add user metrics (train_loss=..., test_acc=...) to the row of ``step``."""
+        """Add user metrics (train_loss=..., test_acc=...) to the row of ``step``; they reach
+        the CSV with the next estimate or on ``detach()`` (no file write per call)."""
         clean = {}
         for key, value in metrics.items():
             if key in LLC_COLUMNS:
                 raise ValueError(f"metric name {key!r} is reserved for the probe's own columns")
             clean[key] = float(value) if isinstance(value, (torch.Tensor, np.generic)) else value
-        self.log_file.update(int(step), clean)
+        self.log_file.update(int(step), clean, flush=False)
 
     # -- hook -----------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, start_step: int = 0) -> "LLCProbe":
@@ -277,9 +280,11 @@ class LLCProbe:
         self.maybe_estimate(self.step_count + 1)
 
     def detach(self) -> None:
+        """Remove the hook and write any metrics logged since the last estimate."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self.log_file.flush()
 
     def __enter__(self) -> "LLCProbe":
         return self
