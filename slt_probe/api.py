@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .batching import as_tensors
-from .driver import ChainDriver
+from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import ESTIMATORS, LOSS_ON, LLCAccumulator, LLCResult
 from .losses import resolve_loss
 from .samplers import SGLD, Sampler
@@ -119,7 +119,7 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
 
 def run_estimate(stacked: StackedModel, w_star: torch.Tensor, x, y, settings: EstimateSettings,
                  *, restrict_to=None, verbose: bool = True, model: nn.Module | None = None,
-                 desc: str = "LLC") -> LLCResult:
+                 desc: str = "LLC", mala_samples: int = MALA_SAMPLES) -> LLCResult:
     """Estimate at ``w_star`` with an already-built ``StackedModel`` (reused by trajectories)."""
     started = time.perf_counter()
     x = x.to(stacked.device)
@@ -149,7 +149,7 @@ def run_estimate(stacked: StackedModel, w_star: torch.Tensor, x, y, settings: Es
                              estimator=settings.estimator, loss_on=settings.loss_on,
                              generator=generator)
         for record in driver.run(settings.num_draws, settings.num_burnin, verbose=verbose,
-                                 desc=desc):
+                                 desc=desc, mala_samples=mala_samples):
             accumulator.update(record)
         diverged, diverged_at = driver.diverged, driver.diverged_at
     config["seconds"] = time.perf_counter() - started

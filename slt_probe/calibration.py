@@ -112,8 +112,9 @@ def _sweep_point(stacked, w_star, x, y, settings, restrict_to) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            # The choice leans on MALA acceptance, so read it on many draws, not the default 10.
             result = run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
-                                  verbose=False)
+                                  verbose=False, mala_samples=settings.num_draws // 4)
         except RuntimeError:  # every chain diverged
             return {"llc_mean": float("nan"), "llc_std": float("nan"), "llc_sem": float("nan"),
                     "mala_acceptance": float("nan"), "num_diverged": settings.num_chains,

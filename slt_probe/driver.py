@@ -50,14 +50,14 @@ class ChainDriver:
         self.diverged_at: list[int | None] = [None] * num_chains
 
     def run(self, num_draws: int, num_burnin: int = 0, *, verbose: bool = True,
-            desc: str = "LLC") -> Iterator[DrawRecord]:
+            desc: str = "LLC", mala_samples: int = MALA_SAMPLES) -> Iterator[DrawRecord]:
         chains, device = self.num_chains, self.stacked.device
         stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
         state = self.sampler.init(self.w_star.contiguous(), self.generator, self.mask)
         noise = torch.empty_like(state.w)
         total = num_burnin + num_draws
         track_mala = isinstance(self.sampler, SGLD) and type(self.sampler).step is SGLD.step
-        mala_every = max(1, num_draws // MALA_SAMPLES)
+        mala_every = max(1, num_draws // max(mala_samples, 1))
         pending = None  # (w_t, ‖ξ_t‖²) of a step whose proposal is judged at the next step
         with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
                   leave=False, unit="step") as bar:
