@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .api import EstimateSettings, default_nbeta, run_estimate
 from .batching import as_tensors
-from .diagnostics import ACCEPTANCE_BAND
 from .losses import resolve_loss
 from .samplers import SGLD
 from .stacked import StackedModel
@@ -98,7 +97,8 @@ class Calibration:
         top.set_xscale("log")
         top.set_ylabel("λ̂ (short chains)")
         top.legend(fontsize=8)
-        bottom.axhspan(*ACCEPTANCE_BAND, color="g", alpha=0.1)
+        bottom.axhline(self.grid.acceptance_target, color="g", ls="--", lw=1,
+                       label="acceptance target")
         bottom.set_ylabel("MALA acceptance")
         bottom.set_xlabel("SGLD step ε")
         top.set_title(f"calibration sweep (nβ = {self.nbeta:.3g}); x = unusable")

@@ -36,6 +36,8 @@ def _estimate(args) -> int:
           f"{result.effective_params:.2f} of {problem.num_params}")
     print(f"  R-hat {result.diagnostics['rhat']:.3f}, ESS {result.diagnostics['ess']:.0f}, "
           f"healthy: {result.diagnostics['healthy']}, {seconds:.1f} s")
+    for warning in result.diagnostics["warnings"]:
+        print(f"  warning: {warning}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

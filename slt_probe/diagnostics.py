@@ -67,9 +67,11 @@ def effective_sample_size(trace: np.ndarray) -> float:
     return float(num_chains * n / tau)
 
 
-# Thresholds of the health verdict. MALA acceptance of SGLD proposals near 0.9 is healthy
-# (Lau et al.); near 0 the step is far too large, near 1 chains barely move per step.
-ACCEPTANCE_BAND = (0.5, 0.995)
+# Thresholds of the health verdict. MALA acceptance falls with dimension at a fixed
+# discretisation bias: on the known-λ problems, estimates within 10 % of the truth came
+# with acceptance 0.42-0.95 at d <= 224 and about 0 at d = 10,092. Only a very low value in
+# small models, or a value so close to 1 that chains barely move, is flagged.
+ACCEPTANCE_BAND = (0.2, 0.995)
 RHAT_LIMIT = 1.1
 BELOW_INIT_LIMIT = 0.4
 
