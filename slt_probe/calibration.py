@@ -157,23 +157,22 @@ def choose(table: list[dict], grid: CalibrationGrid) -> tuple[dict | None, str]:
     for gamma in gammas:  # weakest localisation first: it biases λ̂ least
         rows = [r for r in table if r["localization"] == gamma]
         plateau = [r for r in rows if r["on_plateau"]]
+        candidates = plateau or [r for r in rows if r["usable"]]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["lr"])
+        best["chosen"] = True
         if plateau:
-            best = max(plateau, key=lambda r: r["lr"])
-            best["chosen"] = True
             return best, (f"largest ε on the plateau (λ̂ within {grid.tolerance:.0%} of the next "
                           f"smaller ε, both stationary) with MALA acceptance "
                           f"{best['mala_acceptance']:.2f} ≥ {grid.acceptance_target}, at "
                           f"γ = {gamma:g}, the weakest localisation with usable chains")
-        usable = [r for r in rows if r["usable"]]
-        if usable:
-            best = max(usable, key=lambda r: r["lr"])
-            best["chosen"] = True
-            return best, (f"no plateau within the calibration chains' length (λ̂ still moves by "
-                          f"more than {grid.tolerance:.0%} between neighbouring ε): took the "
-                          f"largest ε with MALA acceptance ≥ {grid.acceptance_target} "
-                          f"({best['mala_acceptance']:.2f}) at γ = {gamma:g}, the weakest "
-                          "localisation with usable chains; the estimate runs a long burn-in. "
-                          "Treat λ̂ as approximate")
+        return best, (f"no plateau within the calibration chains' length (λ̂ still moves by "
+                      f"more than {grid.tolerance:.0%} between neighbouring ε): took the "
+                      f"largest ε with MALA acceptance ≥ {grid.acceptance_target} "
+                      f"({best['mala_acceptance']:.2f}) at γ = {gamma:g}, the weakest "
+                      "localisation with usable chains; the estimate runs a long burn-in. "
+                      "Treat λ̂ as approximate")
     return None, ("no usable point: every setting diverged, gave λ̂ ≤ 0 or accepted under "
                   f"{grid.acceptance_target:.0%} of its proposals")
 

@@ -68,9 +68,8 @@ class ChainDriver:
                 losses = losses.detach()
                 if self.mask is not None:
                     grads.mul_(self.mask)
-                star_batch = self.star_losses[idx].mean(dim=1)
                 if self.estimator == "control_variate":
-                    reference = star_batch
+                    reference = self.star_losses[idx].mean(dim=1)
                 else:
                     reference = torch.full_like(losses, self.init_loss, dtype=torch.float64)
                 recorded = losses

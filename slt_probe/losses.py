@@ -23,6 +23,9 @@ class Loss:
     name: str
     batch: LossFn  # (output, target) -> scalar mean loss
     per_example: Callable[[Tensor, Tensor], Tensor]  # (output, target) -> (B,)
+    # per_example is one tensor op over the whole batch (built-ins), not a Python loop, so
+    # the sampler may run it once on all chains' flattened outputs.
+    vectorised: bool = False
 
 
 def _mse_target(output: Tensor, target: Tensor) -> Tensor:
@@ -66,11 +69,11 @@ def _callable_per_example(fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
 def resolve_loss(loss_fn) -> Loss:
     if isinstance(loss_fn, str):
         if loss_fn == "cross_entropy":
-            return Loss("cross_entropy", F.cross_entropy, _ce_per_example)
+            return Loss("cross_entropy", F.cross_entropy, _ce_per_example, vectorised=True)
         if loss_fn == "mse":
-            return Loss("mse", _mse, _mse_per_example)
+            return Loss("mse", _mse, _mse_per_example, vectorised=True)
         if loss_fn == "gaussian_nll":
-            return Loss("gaussian_nll", _gaussian_nll, _gaussian_nll_per_example)
+            return Loss("gaussian_nll", _gaussian_nll, _gaussian_nll_per_example, vectorised=True)
         raise ValueError("loss_fn must be 'cross_entropy', 'mse', 'gaussian_nll' or a callable; "
                          f"got {loss_fn!r}")
     if callable(loss_fn):

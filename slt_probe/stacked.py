@@ -49,8 +49,6 @@ class StackedModel:
         self._grad_fn = vmap(grad_and_value(self._batch_loss), in_dims=(0, 0, 0))
         self._loss_fn = vmap(self._batch_loss, in_dims=(0, 0, 0))
         self._forward_chains = vmap(self._forward, in_dims=(0, 0))
-        # Built-in losses are means of per-example terms, so they can run on flattened outputs.
-        self._flat_loss = loss.name in ("cross_entropy", "mse", "gaussian_nll")
         self._step_grads = self._grads_autograd
         self.compiled = False
         if compile:
@@ -149,7 +147,7 @@ class StackedModel:
         leaves = {n: v.detach().requires_grad_() for n, v in self.views(w).items()}
         with torch.enable_grad():
             out = self._forward_chains(leaves, x)
-            if self._flat_loss:
+            if self.loss.vectorised:
                 flat_out = out.reshape(chains * batch, *out.shape[2:])
                 flat_y = y.reshape(chains * batch, *y.shape[2:])
                 losses = self.loss.per_example(flat_out, flat_y).view(chains, batch).mean(1)
