@@ -58,6 +58,23 @@ def _validate(args) -> int:
     return 0
 
 
+def _grokking(args) -> int:
+    from .experiments.grokking import run_grokking
+
+    out = args.out or f"results/grokking/{args.setup}{'-quick' if args.quick else ''}"
+    command = " ".join(["slt-probe", *sys.argv[1:]])
+    summary = run_grokking(args.setup, activation_name=args.activation, seed=args.seed,
+                           quick=args.quick, out=out, mnist_dir=args.mnist_dir,
+                           command=command, verbose=not args.quiet)
+    keys = ("llc_init", "llc_peak", "llc_peak_step", "llc_final", "train_acc_100_step",
+            "test_acc_50_step", "test_acc_90_step", "final_test_acc", "wall_seconds")
+    for key in keys:
+        value = summary.get(key)
+        print(f"  {key:20s} {value:.4g}" if isinstance(value, float) else f"  {key:20s} {value}")
+    print(f"  wrote {out}/llc.csv, summary.json, manifest.json, trajectory.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slt-probe", description="Local learning "
                                      "coefficient (effective parameter count) estimates.")
@@ -79,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--quick", action="store_true", help="the small cases only (< 5 min)")
     val.add_argument("--out", default="results/validation")
     val.set_defaults(run=_validate)
+    grok = sub.add_parser("grokking", help="train a bundled grokking setup with the probe")
+    from .experiments.grokking import SETUPS
+    from .models import ACTIVATION_NAMES
+    grok.add_argument("--setup", choices=SETUPS, required=True)
+    grok.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
+                      help="default: the setup's published one (GELU for modadd-mlp, else ReLU)")
+    grok.add_argument("--seed", type=int, default=0)
+    grok.add_argument("--quick", action="store_true", help="the small preset (< 3 min)")
+    grok.add_argument("--out", default=None, help="run folder (default results/grokking/SETUP)")
+    grok.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files "
+                      "(default: $SLT_PROBE_MNIST_DIR)")
+    grok.add_argument("--quiet", action="store_true", help="no progress bar")
+    grok.set_defaults(run=_grokking)
     return parser
 
 

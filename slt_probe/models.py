@@ -14,6 +14,9 @@ ACTIVATIONS = {
 }
 
 
+ACTIVATION_NAMES = (*ACTIVATIONS, "sin")
+
+
 class Sine(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(x)
@@ -59,3 +62,45 @@ def modadd_data(p: int = 53) -> tuple[Tensor, Tensor]:
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     x = torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
     return x, (x[:, 0] + x[:, 1]) % p
+
+
+class ModAddTransformer(nn.Module):
+    """Nanda et al. (2023) one-layer transformer for (a + b) mod p.
+
+    Tokens ``[a, b, =]`` (``=`` is token p), learned positional embeddings, one attention
+    block (``num_heads`` heads, no LayerNorm) and one MLP block with residual connections,
+    read out at the ``=`` position. Inputs are ``(batch, 2)`` pairs, like ``ModAddMLP``;
+    the ``=`` token is appended here.
+    """
+
+    def __init__(self, p: int = 113, d_model: int = 128, num_heads: int = 4,
+                 d_mlp: int = 512, act: str = "relu"):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.p = p
+        self.num_heads = num_heads
+        self.embed = nn.Embedding(p + 1, d_model)
+        self.pos_embed = nn.Parameter(torch.randn(3, d_model) / d_model ** 0.5)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.attn_out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_in = nn.Linear(d_model, d_mlp)
+        self.act = activation(act)
+        self.mlp_out = nn.Linear(d_mlp, d_model)
+        self.unembed = nn.Linear(d_model, p, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        equals = torch.full_like(x[:, :1], self.p)
+        h = self.embed(torch.cat([x, equals], dim=1)) + self.pos_embed
+        batch, seq, d_model = h.shape
+        q, k, v = self.qkv(h).view(batch, seq, 3, self.num_heads, -1).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        # Written out rather than scaled_dot_product_attention, which has no vmap rule and
+        # falls back to a slow per-chain loop under the sampler's vmap.
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=h.device).tril()
+        attended = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        h = h + self.attn_out(attended.transpose(1, 2).reshape(batch, seq, d_model))
+        last = h[:, -1]
+        last = last + self.mlp_out(self.act(self.mlp_in(last)))
+        return self.unembed(last)

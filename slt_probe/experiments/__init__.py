@@ -1,0 +1,1 @@
+"""Named experiment presets built from the library: grokking runs and activation comparisons."""
