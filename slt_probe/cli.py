@@ -67,7 +67,7 @@ def _grokking(args) -> int:
                            quick=args.quick, out=out, mnist_dir=args.mnist_dir,
                            command=command, verbose=not args.quiet)
     keys = ("llc_init", "llc_peak", "llc_peak_step", "llc_final", "train_acc_100_step",
-            "test_acc_50_step", "test_acc_90_step", "final_test_acc", "wall_seconds")
+            "test_acc_50_step", "grok_step", "final_test_acc", "wall_seconds")
     for key in keys:
         value = summary.get(key)
         print(f"  {key:20s} {value:.4g}" if isinstance(value, float) else f"  {key:20s} {value}")
