@@ -75,6 +75,22 @@ def _grokking(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .experiments.compare import run_comparison
+
+    activations = [a.strip() for a in args.activations.split(",") if a.strip()]
+    out = args.out or f"results/compare/{args.setup}{'-quick' if args.quick else ''}"
+    command = " ".join(["slt-probe", *sys.argv[1:]])
+    rows = run_comparison(args.setup, activations, args.seeds, quick=args.quick, out=out,
+                          mnist_dir=args.mnist_dir, command=command, verbose=not args.quiet)
+    for row in rows:
+        print(f"  {row['activation']:8s} λ̂ init {row['llc_init']:.3g}  peak {row['llc_peak']:.3g}"
+              f"  final {row['llc_final']:.3g}  grok step {row['grok_step']}  "
+              f"disagreement {row['disagreement']}")
+    print(f"  wrote {out}/summary.csv, summary.md, trajectories.png, redshift.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slt-probe", description="Local learning "
                                      "coefficient (effective parameter count) estimates.")
@@ -109,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: $SLT_PROBE_MNIST_DIR)")
     grok.add_argument("--quiet", action="store_true", help="no progress bar")
     grok.set_defaults(run=_grokking)
+    comp = sub.add_parser("compare", help="LLC trajectories across activations and seeds")
+    comp.add_argument("--setup", choices=SETUPS, required=True)
+    comp.add_argument("--activations", default="relu,tanh,gelu",
+                      help=f"comma-separated, from {','.join(ACTIVATION_NAMES)}")
+    comp.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … N-1)")
+    comp.add_argument("--quick", action="store_true")
+    comp.add_argument("--out", default=None, help="default results/compare/SETUP")
+    comp.add_argument("--mnist-dir", default=None)
+    comp.add_argument("--quiet", action="store_true")
+    comp.set_defaults(run=_compare)
     return parser
 
 

@@ -44,7 +44,11 @@ class ModAddMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         e = self.embedding(x)
-        return self.unembed(self.act(self.linear_a(e[:, 0]) + self.linear_b(e[:, 1])))
+        return self.forward_embedded(e[:, 0], e[:, 1])
+
+    def forward_embedded(self, e_a: Tensor, e_b: Tensor) -> Tensor:
+        """The network after its lookup table, on any (continuous) pair of embeddings."""
+        return self.unembed(self.act(self.linear_a(e_a) + self.linear_b(e_b)))
 
 
 def mlp(widths: list[int], act: str = "relu") -> nn.Sequential:
@@ -90,8 +94,13 @@ class ModAddTransformer(nn.Module):
         self.unembed = nn.Linear(d_model, p, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        equals = torch.full_like(x[:, :1], self.p)
-        h = self.embed(torch.cat([x, equals], dim=1)) + self.pos_embed
+        e = self.embed(x)
+        return self.forward_embedded(e[:, 0], e[:, 1])
+
+    def forward_embedded(self, e_a: Tensor, e_b: Tensor) -> Tensor:
+        """The network after its token lookup, on any (continuous) pair of embeddings."""
+        equals = self.embed.weight[self.p].expand_as(e_a)
+        h = torch.stack([e_a, e_b, equals], dim=1) + self.pos_embed
         batch, seq, d_model = h.shape
         q, k, v = self.qkv(h).view(batch, seq, 3, self.num_heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

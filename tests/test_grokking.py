@@ -1,9 +1,11 @@
 """Grokking runs: a shortened modadd-mlp run in the default suite, the real quick presets
 (which must grok) in the slow suite."""
 import json
+import math
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from slt_probe import read_rows
@@ -75,3 +77,48 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
     assert summary["num_llc_points"] >= 15
     assert summary["llc_peak"] > summary["llc_init"]
     assert summary["wall_seconds"] < 180
+
+
+def _tiny_config():
+    base = preset("modadd-mlp", quick=True)
+    return replace(base, model_kwargs={"p": 11, "embed_dim": 4, "hidden": 16},
+                   task_kwargs={"p": 11, "train_fraction": 0.5}, batch_size=32, num_steps=300,
+                   num_log_points=4, num_regular_points=2, num_eval_points=5,
+                   llc=replace(base.llc, num_draws=30, num_burnin=20, batch_size=32))
+
+
+def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
+    from slt_probe.experiments import compare
+
+    kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False)
+    rows = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
+    assert [r["activation"] for r in rows] == ["relu", "tanh"]
+    for row in rows:
+        for key in ("llc_init", "llc_peak", "llc_final", "final_test_acc", "disagreement",
+                    "prediction_variance", "init_mean_frequency", "init_lz"):
+            assert row[key] is not None and math.isfinite(row[key]), key
+        assert row["num_runs"] == 2
+    summary = read_rows(tmp_path / "summary.csv")
+    assert len(summary) == 2 and (tmp_path / "trajectories.png").exists()
+    sampler = json.loads((tmp_path / "sampler.json").read_text())
+    assert sampler["lr"] == _tiny_config().llc.lr
+
+    def must_not_train(*args, **kw):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(compare, "run_grokking", must_not_train)
+    again = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
+    assert [r["llc_final"] for r in again] == [r["llc_final"] for r in rows]
+
+
+def test_redshift_measures_rank_linear_below_high_frequency_sine():
+    from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
+
+    s, t = (v.reshape(64, 64).numpy() for v in grid_points(64))
+    linear = 0.3 * s - 0.7 * t
+    wiggly = np.sin(25 * s) * np.cos(19 * t)
+    assert mean_frequency(linear) < 0.5 * mean_frequency(wiggly)
+    assert lz_complexity(linear) < 0.5 * lz_complexity(wiggly)
+    assert lz_complexity(np.zeros((64, 64))) < lz_complexity(linear)
+    with pytest.raises(ValueError, match="square"):
+        mean_frequency(np.zeros((3, 4)))
