@@ -10,6 +10,7 @@ compares like with like); change `llc` below to try your own.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--setup", default="modadd-mlp", choices=["modadd-mlp", "mnist-mlp"])
     parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--draws", type=int, default=None, help="SGLD draws per estimate "
+                        "(default: the preset's; burn-in is set to the same number)")
     parser.add_argument("--mnist-dir", default=None)
     parser.add_argument("--out", default="results/examples/grokking")
     args = parser.parse_args(argv)
@@ -33,6 +36,8 @@ def main(argv=None):
     targets = task.targets(task.y_train, config.loss)  # labels, or one-hot for MSE
     optimizer = make_optimizer(config, model)  # the preset's Adam/AdamW, lr, weight decay
     llc = config.llc
+    if args.draws is not None:
+        llc = replace(llc, num_draws=args.draws, num_burnin=args.draws)
     probe = slt_probe.LLCProbe(
         model, (task.x_train, targets), loss_fn=config.loss,
         steps=slt_probe.log_spaced_steps(args.steps, 15), every=args.steps // 10,

@@ -91,6 +91,18 @@ def _compare(args) -> int:
     return 0
 
 
+def _grokking_report(args) -> int:
+    from .experiments.grokking import report
+
+    table = report(args.root)
+    path = Path(args.root) / "README.md"
+    path.write_text("# Grokking runs\n\nRegenerate this table: `slt-probe grokking-report "
+                    f"--root {args.root}`\n\n" + table)
+    print(table)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slt-probe", description="Local learning "
                                      "coefficient (effective parameter count) estimates.")
@@ -125,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: $SLT_PROBE_MNIST_DIR)")
     grok.add_argument("--quiet", action="store_true", help="no progress bar")
     grok.set_defaults(run=_grokking)
+    rep = sub.add_parser("grokking-report", help="table over finished grokking runs")
+    rep.add_argument("--root", default="results/grokking")
+    rep.set_defaults(run=_grokking_report)
     comp = sub.add_parser("compare", help="LLC trajectories across activations and seeds")
     comp.add_argument("--setup", choices=SETUPS, required=True)
     comp.add_argument("--activations", default="relu,tanh,gelu",

@@ -122,3 +122,18 @@ def test_redshift_measures_rank_linear_below_high_frequency_sine():
     assert lz_complexity(np.zeros((64, 64))) < lz_complexity(linear)
     with pytest.raises(ValueError, match="square"):
         mean_frequency(np.zeros((3, 4)))
+
+
+def test_example_built_from_parts_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "grokking_from_parts.py"),
+                          "--steps", "400", "--draws", "30", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = read_rows(tmp_path / "llc.csv")
+    assert sum(r["llc_mean"] is not None for r in rows) >= 8
+    assert "λ̂" in out.stdout and (tmp_path / "trajectory.png").exists()

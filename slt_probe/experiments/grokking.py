@@ -416,3 +416,35 @@ def aggregate(summaries: list[dict], keys=("llc_init", "llc_peak", "llc_final", 
         result[f"{key}_std"] = float(np.std(finite)) if len(finite) > 1 else (0.0 if finite else None)
         result[f"{key}_count"] = len(finite)
     return result
+
+
+def report(root: str | Path) -> str:
+    """Markdown table over every finished run under ``root/<setup>/seed<k>``: LLC at init,
+    peak and end (mean ± std over seeds), where the peak and the fall sit relative to the
+    test-accuracy jump, and wall time."""
+    root = Path(root)
+    lines = ["| setup | seeds | grokked | λ̂ init | λ̂ peak (step) | λ̂ final | grokking step | "
+             "peak before grokking | λ̂ falls after grokking | fall from peak | wall s/run |",
+             "|" + "---|" * 11]
+    for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        runs = [load_run(d) for d in sorted(setup_dir.glob("seed*"))]
+        summaries = [r[0] for r in runs if r is not None]
+        if not summaries:
+            continue
+        agg = aggregate(summaries, keys=("llc_init", "llc_peak", "llc_peak_step", "llc_final",
+                                         "grok_step", "llc_fall_fraction", "wall_seconds"))
+
+        def pm(key, fmt=".3g"):
+            if agg[key] is None:
+                return "—"
+            return f"{agg[key]:{fmt}} ± {agg[f'{key}_std']:{fmt}}"
+
+        count = lambda key: sum(bool(s.get(key)) for s in summaries)  # noqa: E731
+        lines.append(
+            f"| {setup_dir.name} | {len(summaries)} | {count('grokked')}/{len(summaries)} | "
+            f"{pm('llc_init')} | {pm('llc_peak')} ({pm('llc_peak_step', '.0f')}) | "
+            f"{pm('llc_final')} | {pm('grok_step', '.0f')} | "
+            f"{count('peak_before_grok')}/{len(summaries)} | "
+            f"{count('llc_falls_after_grok')}/{len(summaries)} | "
+            f"{pm('llc_fall_fraction', '.0%')} | {pm('wall_seconds', '.0f')} |")
+    return "\n".join(lines) + "\n"
