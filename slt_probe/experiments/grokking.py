@@ -112,7 +112,7 @@ MODADD_TRANSFORMER = GrokkingConfig(
     model_kwargs={"p": 113, "d_model": 128, "num_heads": 4, "d_mlp": 512},
     task="modadd", task_kwargs={"p": 113, "train_fraction": 0.3}, loss="cross_entropy",
     optimizer="adamw", lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98), batch_size=None,
-    num_steps=12_000, num_log_points=25, num_regular_points=15,
+    num_steps=12_000, num_log_points=27, num_regular_points=15,
     llc=LLCSettings(lr=1e-4, localization=100.0, nbeta=2.0, num_draws=200, num_burnin=200,
                     source="nβ=2 as in the devinterp grokking notebook; ε by hand sweep on the "
                            "trained quick model (γ=5: ε=1e-4 accepts 0.80, 3e-4 0.45, 1e-3 0); "
