@@ -94,7 +94,7 @@ def _compare(args) -> int:
 def _grokking_report(args) -> int:
     from .experiments.grokking import report
 
-    table = report(args.root)
+    table = report(args.root, replot=args.replot)
     path = Path(args.root) / "README.md"
     path.write_text("# Grokking runs\n\nRegenerate this table: `slt-probe grokking-report "
                     f"--root {args.root}`\n\n" + table)
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     grok.set_defaults(run=_grokking)
     rep = sub.add_parser("grokking-report", help="table over finished grokking runs")
     rep.add_argument("--root", default="results/grokking")
+    rep.add_argument("--replot", action="store_true", help="redraw each run's trajectory.png")
     rep.set_defaults(run=_grokking_report)
     comp = sub.add_parser("compare", help="LLC trajectories across activations and seeds")
     comp.add_argument("--setup", choices=SETUPS, required=True)

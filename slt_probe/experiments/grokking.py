@@ -365,6 +365,10 @@ def plot_grokking(rows: list[dict], path, *, title: str = "", grok_step: int | N
     top.fill_between(steps, [m - s for m, s in zip(mean, std)],
                      [m + s for m, s in zip(mean, std)], color="tab:purple", alpha=0.25)
     top.set_ylabel("λ̂  (effective params = 2λ̂)")
+    if min(mean) < 0 and -min(mean) > 3 * max(max(mean), 1e-12):
+        # far from a minimum (e.g. a large init) λ̂ is hugely negative; a linear axis
+        # would flatten the rest of the trajectory
+        top.set_yscale("symlog", linthresh=max(max(mean), 1.0))
     acc = top.twinx()
     for key, colour in (("train_acc", "tab:blue"), ("test_acc", "tab:orange")):
         acc.plot(shift([r["step"] for r in metric]), [r[key] for r in metric], color=colour,
@@ -418,17 +422,27 @@ def aggregate(summaries: list[dict], keys=("llc_init", "llc_peak", "llc_final", 
     return result
 
 
-def report(root: str | Path) -> str:
+def report(root: str | Path, replot: bool = False) -> str:
     """Markdown table over every finished run under ``root/<setup>/seed<k>``: LLC at init,
     peak and end (mean ± std over seeds), where the peak and the fall sit relative to the
-    test-accuracy jump, and wall time."""
+    test-accuracy jump, and wall time. ``replot`` redraws each run's trajectory.png from
+    its llc.csv."""
     root = Path(root)
     lines = ["| setup | seeds | grokked | λ̂ init | λ̂ peak (step) | λ̂ final | grokking step | "
              "peak before grokking | λ̂ falls after grokking | fall from peak | wall s/run |",
              "|" + "---|" * 11]
     for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        runs = [load_run(d) for d in sorted(setup_dir.glob("seed*"))]
+        folders = sorted(setup_dir.glob("seed*"))
+        runs = [load_run(d) for d in folders]
         summaries = [r[0] for r in runs if r is not None]
+        if replot:
+            for folder, run in zip(folders, runs):
+                if run is not None:
+                    summary, rows = run
+                    plot_grokking(rows, folder / PLOT_NAME, grok_step=summary["grok_step"],
+                                  grok_accuracy=summary.get("grok_accuracy", 0.9),
+                                  title=f"{summary['setup']} ({summary['activation']}, "
+                                        f"seed {summary['seed']})")
         if not summaries:
             continue
         agg = aggregate(summaries, keys=("llc_init", "llc_peak", "llc_peak_step", "llc_final",
