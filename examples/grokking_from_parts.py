@@ -13,9 +13,9 @@ import argparse
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 import slt_probe
+from slt_probe.losses import resolve_loss
 from slt_probe.experiments.grokking import (build_model, build_task, evaluate,
                                             make_optimizer, preset)
 
@@ -44,11 +44,11 @@ def main(argv=None):
         sampler=llc.sampler(), num_chains=llc.num_chains, num_draws=llc.num_draws,
         num_burnin=llc.num_burnin, batch_size=llc.batch_size, log_dir=args.out, verbose=False)
 
+    loss_fn = resolve_loss(config.loss).batch  # the loss the probe samples with
     generator = torch.Generator().manual_seed(1)
     with probe.attach(optimizer):  # the one added line; estimates run after scheduled steps
         for step in range(1, args.steps + 1):
             batch = torch.randint(0, len(task.x_train), (config.batch_size,), generator=generator)
-            loss_fn = F.mse_loss if config.loss == "mse" else F.cross_entropy
             loss = loss_fn(model(task.x_train[batch]), targets[batch])
             optimizer.zero_grad()
             loss.backward()

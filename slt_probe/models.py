@@ -26,7 +26,7 @@ def activation(name: str) -> nn.Module:
     if name == "sin":
         return Sine()
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted([*ACTIVATIONS, 'sin'])}, got {name!r}")
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {name!r}")
     return ACTIVATIONS[name]()
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..losses import resolve_loss
 from ..models import ModAddMLP, ModAddTransformer, activation, mlp
 from ..probe import MANIFEST_NAME, LLCProbe, log_spaced_steps, read_rows
 from ..samplers import SGLD
@@ -192,8 +193,7 @@ def evaluate(model: nn.Module, task: Task, loss: str) -> dict:
     for split, x, y in (("train", task.x_train, task.y_train), ("test", task.x_test, task.y_test)):
         out = torch.cat([model(chunk) for chunk in x.split(4096)])
         target = task.targets(y, loss)
-        value = (nn.functional.mse_loss(out, target) if loss == "mse"
-                 else nn.functional.cross_entropy(out, target))
+        value = resolve_loss(loss).batch(out, target)
         metrics[f"{split}_loss"] = float(value)
         metrics[f"{split}_acc"] = float((out.argmax(1) == y).float().mean())
     model.train(was_training)
@@ -251,6 +251,7 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
                      num_burnin=settings.num_burnin, batch_size=settings.batch_size,
                      seed=seed, log_dir=out, verbose=False)
     eval_steps = set(config.eval_steps())
+    batch_loss = resolve_loss(config.loss).batch
     batches = Batches(len(task.x_train), config.batch_size, seed)
     started = time.perf_counter()
     model.train()
@@ -262,8 +263,7 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
             index = batches.next()
             x, y = (task.x_train, targets) if index is None else (task.x_train[index], targets[index])
             output = model(x)
-            loss = (nn.functional.mse_loss(output, y) if config.loss == "mse"
-                    else nn.functional.cross_entropy(output, y))
+            loss = batch_loss(output, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()  # the probe estimates here when the step is scheduled
