@@ -92,6 +92,20 @@ class ModAddTransformer(nn.Module):
         self.act = activation(act)
         self.mlp_out = nn.Linear(d_mlp, d_model)
         self.unembed = nn.Linear(d_model, p, bias=False)
+        self._nanda_init(d_model, vocab=p + 1)
+
+    @torch.no_grad()
+    def _nanda_init(self, d_model: int, vocab: int) -> None:
+        # Nanda et al.'s initialisation: N(0, 1/d_model) everywhere, N(0, 1/vocab) for the
+        # unembedding, zero biases. torch's N(0, 1) embedding default is 11x larger; with it
+        # full-batch training spiked (train loss back to 3-9 at 100 % train accuracy) and test
+        # accuracy was still 0.2-0.3 after 12k steps.
+        for weight in (self.embed.weight, self.qkv.weight, self.attn_out.weight,
+                       self.mlp_in.weight, self.mlp_out.weight):
+            weight.normal_(0.0, d_model ** -0.5)
+        self.unembed.weight.normal_(0.0, vocab ** -0.5)
+        self.mlp_in.bias.zero_()
+        self.mlp_out.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         e = self.embed(x)
