@@ -86,8 +86,9 @@ def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *
             finished = load_run(folder)
         runs.setdefault(act, []).append((*finished, folder))
 
-    task = build_task(config, seeds[0], mnist_dir)
-    held_out = held_out_everywhere([build_task(config, s, mnist_dir) for s in seeds])
+    tasks = [build_task(config, s, mnist_dir) for s in seeds]
+    task = tasks[0]
+    held_out = held_out_everywhere(tasks)
     redshift_rows = []
     summary_rows = []
     for act in activations:
