@@ -38,13 +38,17 @@ class EstimateSettings:
     estimator: str = "control_variate"
     loss_on: str = "minibatch"
     backend: str = "native"
+    # Warm-up: steps at a coarser step size ``warmup_lr`` before the burn-in (see
+    # ``ChainDriver.run``); ``slt_probe.calibrate`` sets both.
+    warmup_lr: float | None = None
+    num_warmup: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampler, Sampler):
             raise TypeError("sampler must be a slt_probe sampler such as slt_probe.SGLD(...); "
                             f"got {type(self.sampler).__name__}")
         for name, low in (("num_chains", 1), ("num_draws", 1), ("num_burnin", 0),
-                          ("batch_size", 1)):
+                          ("batch_size", 1), ("num_warmup", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -58,12 +62,25 @@ class EstimateSettings:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.warmup_lr is not None and not (isinstance(self.warmup_lr, (int, float))
+                                               and math.isfinite(self.warmup_lr)
+                                               and self.warmup_lr > 0):
+            raise ValueError(f"warmup_lr must be a finite number > 0, got {self.warmup_lr!r}")
+        if self.num_warmup and self.warmup_lr is None:
+            raise ValueError("num_warmup > 0 needs warmup_lr (the warm-up's step size)")
+        if self.num_warmup and self.backend != "native":
+            raise ValueError("a warm-up (num_warmup > 0) runs on the native backend only")
+
+    def warmup_sampler(self) -> Sampler | None:
+        """The sampler with its step size replaced by ``warmup_lr`` (None without one)."""
+        return replace(self.sampler, lr=self.warmup_lr) if self.num_warmup else None
 
     def to_dict(self) -> dict:
         return {"sampler": self.sampler.to_dict(), "num_chains": self.num_chains,
                 "num_draws": self.num_draws, "num_burnin": self.num_burnin,
                 "batch_size": self.batch_size, "seed": self.seed, "estimator": self.estimator,
-                "loss_on": self.loss_on, "backend": self.backend}
+                "loss_on": self.loss_on, "backend": self.backend, "warmup_lr": self.warmup_lr,
+                "num_warmup": self.num_warmup}
 
 
 def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
@@ -71,6 +88,7 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
                  num_burnin: int = 0, batch_size: int = 128, seed: int = 0,
                  estimator: str = "control_variate", loss_on: str = "minibatch",
                  restrict_to=None, backend: str = "native", compile: bool = False,
+                 warmup_lr: float | None = None, num_warmup: int = 0,
                  verbose: bool = True) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
 
@@ -85,6 +103,9 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
         devinterp's nβ·(mean L_b(w_t) − L_n(w*)).
     loss_on: ``"full"`` evaluates L_n on all the data at every draw (small datasets).
     restrict_to: parameter names (or name → boolean mask) to sample; the rest stay at w*.
+    warmup_lr, num_warmup: run ``num_warmup`` steps at the coarser step ``warmup_lr``
+        before the burn-in, so chains spread along flat directions in fewer steps
+        (``sampler="auto"`` chooses both).
     compile: compile the batched gradient with ``torch.compile`` (falls back to eager).
 
     The model is evaluated in eval mode on a private copy; the user's model, its
@@ -96,7 +117,8 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     settings = EstimateSettings(sampler=SGLD() if sampler is None or auto else sampler,
                                 num_chains=num_chains, num_draws=num_draws,
                                 num_burnin=num_burnin, batch_size=batch_size, seed=seed,
-                                estimator=estimator, loss_on=loss_on, backend=backend)
+                                estimator=estimator, loss_on=loss_on, backend=backend,
+                                warmup_lr=warmup_lr, num_warmup=num_warmup)
     loss = resolve_loss(loss_fn)
     x, y = as_tensors(data)
     stacked = StackedModel(model, loss, compile=compile and backend == "native")
@@ -108,8 +130,7 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
         calibration = calibrate(model, (x, y), batch_size=batch_size, seed=seed,
                                 estimator=estimator, restrict_to=restrict_to, verbose=verbose,
                                 stacked=stacked)
-        settings = replace(settings, sampler=calibration.sampler,
-                           num_burnin=max(num_burnin, calibration.num_burnin))
+        settings = calibration.apply(settings)
     result = run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
                           verbose=verbose, model=model)
     if calibration is not None:
@@ -148,7 +169,9 @@ def run_estimate(stacked: StackedModel, w_star: torch.Tensor, x, y, settings: Es
                              num_chains=settings.num_chains, batch_size=settings.batch_size,
                              estimator=settings.estimator, loss_on=settings.loss_on,
                              generator=generator)
-        for record in driver.run(settings.num_draws, settings.num_burnin, verbose=verbose,
+        for record in driver.run(settings.num_draws, settings.num_burnin,
+                                 num_warmup=settings.num_warmup,
+                                 warmup_sampler=settings.warmup_sampler(), verbose=verbose,
                                  desc=desc, mala_samples=mala_samples):
             accumulator.update(record)
         diverged, diverged_at = driver.diverged, driver.diverged_at

@@ -1,229 +1,456 @@
-"""Automatic choice of the SGLD step ε and localisation γ, with the evidence.
+"""Automatic choice of the SGLD step ε, localisation γ, warm-up and burn-in, with the evidence.
 
-A sweep of short chains over ε (half-decades) × γ records λ̂, MALA acceptance,
-divergence and stationarity per point. The choice follows practice (Lau et al.;
-devinterp's calibration notebooks): the largest ε on the plateau where λ̂ barely depends
-on ε, with healthy chains and MALA acceptance at least ``acceptance_target``; without a
-plateau, the largest ε meeting that acceptance. γ is the weakest of the grid with usable
-chains (weaker localisation biases λ̂ least). Not here: the estimate itself.
+λ̂ from SGLD has two errors that pull in opposite directions as ε shrinks: the step bias
+(about linear in ε; it includes the minibatch-gradient noise) and under-relaxation
+(chains start at w* and need *Langevin time* ε·t to spread along flat directions, so at a
+fixed number of steps a smaller ε reads λ̂ too low). A sweep at equal steps confounds the
+two, and MALA acceptance under minibatch gradients mostly measures gradient noise
+(``benchmarks/relaxation.py`` shows both on deep linear 5-5-5-5). So they are separated:
+
+1. stability: the largest ε of ``grid.lrs`` whose chains neither diverge nor read λ̂ ≤ 0
+   in a short probe.
+2. relaxation: chains run from w* at a step ε_w until they have covered Langevin time
+   ``grid.min_relax_time``/γ and λ̂ over the last doubling of the run is within
+   ``grid.tolerance`` of the doubling before. A larger ε_w covers more time per step,
+   but a much too hot one also shifts the slow directions (towards more singular
+   regions: measured on rrr 3-2-3), so ε_w is found in two passes: a hot warm-up one
+   grid value below the largest stable ε and a ladder (step 3) from it find the first
+   ε whose gap to 2ε is within ``grid.warmup_gap``; that is ε_w.
+3. step bias: from relaxed positions, chains run at ε_w, ε_w/2, ε_w/4, … for the same
+   number of steps with the same noise (common random numbers). The step bias is
+   about linear in ε, so the gap between λ̂ at 2ε and at ε estimates the bias left at
+   ε; the first ε whose gap is within ``grid.bias_tolerance`` is chosen.
+
+The estimate warms up from w* at 2ε (the ladder level above ε: its bias was measured
+small) for the Langevin time the warm-up at ε_w needed, burns in at ε for as long as a
+ladder level settled, and draws at ε. γ is the weakest of
+``grid.localizations`` for which all three steps succeed within the step budget.
+Not here: the estimate itself.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .api import EstimateSettings, default_nbeta, run_estimate
+from .api import EstimateSettings, default_nbeta
 from .batching import as_tensors
+from .driver import ChainDriver
+from .estimator import llc_from_losses
 from .losses import resolve_loss
 from .samplers import SGLD
 from .stacked import StackedModel
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
 DEFAULT_LOCALIZATIONS = (1.0, 10.0, 100.0)
+# MALA acceptance is read every this many steps of a ladder level (an extra forward each).
+_MALA_EVERY = 25
 
 
 @dataclass(frozen=True)
 class CalibrationGrid:
-    """What to sweep and how long each probe chain runs."""
+    """What to search and how much sampling the search may spend.
+
+    lrs: candidate ε for the stability probe, which runs ``probe_steps`` steps at each.
+    localizations: γ, tried weakest first (weaker localisation biases λ̂ least).
+    min_relax_time: least Langevin time of the warm-up at γ = 1, divided by γ for
+        stronger localisation (which bounds how far chains spread). Measured on deep
+        linear 5-5-5-5: λ̂ climbs for ε·t ≈ 0.05-0.1 at γ = 1.
+    tolerance: relative change of λ̂ between the last two doublings of the warm-up that
+        still counts as relaxed (plus twice its standard error across chains).
+    level_steps: steps of each ladder level: the first half settles, the second half is
+        measured. Levels start from relaxed positions, so they need not cover equal
+        Langevin time: only the directions stiff enough to carry step bias must settle
+        to the new ε, and those settle within about 1/(ε·nβ·curvature) steps.
+    warmup_gap: the warm-up runs at the first ε (halving from the hot warm-up's) whose
+        gap to 2ε is within this.
+    bias_tolerance: largest gap between λ̂ at 2ε and at ε for which ε is accepted.
+        A gap is resolved when its standard error is at most half the tolerance; an
+        unresolved pair is lengthened (both levels doubled) up to ``max_lengthenings``
+        times, and then ε is accepted unless the gap is significantly (2 s.e.) above the
+        tolerance (noisy, slowly mixing problems such as a two-parameter monomial would
+        otherwise never resolve it).
+    max_steps: sampling budget per γ, in steps summed over all runs (one step advances
+        all ``num_chains`` chains).
+    """
 
     lrs: tuple[float, ...] = DEFAULT_LRS
     localizations: tuple[float, ...] = DEFAULT_LOCALIZATIONS
-    num_chains: int = 4
-    num_draws: int = 300
-    num_burnin: int = 500
-    tolerance: float = 0.1  # relative change of λ̂ between neighbouring ε that still counts as flat
-    # Smallest MALA acceptance a chosen ε may have. Measured on the known-λ problems: the
-    # ε that lands within 10 % of the truth accepts 0.6-0.7 (regular, reduced-rank), more
-    # on monomials; below ~0.5 the O(ε) bias dominates.
-    acceptance_target: float = 0.55
+    num_chains: int = 8
+    probe_steps: int = 200
+    min_relax_time: float = 0.1
+    min_steps: int = 500
+    tolerance: float = 0.05
+    level_steps: int = 1000
+    bias_tolerance: float = 0.05
+    warmup_gap: float = 0.25
+    max_lengthenings: int = 3
+    max_steps: int = 150_000
 
     def __post_init__(self) -> None:
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             raise ValueError(f"lrs must be positive numbers, got {self.lrs}")
         if not self.localizations or any(g < 0 for g in self.localizations):
             raise ValueError(f"localizations must be >= 0, got {self.localizations}")
-        if not 0 < self.tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance}")
-        if not 0 < self.acceptance_target < 1:
-            raise ValueError(f"acceptance_target must be in (0, 1), got {self.acceptance_target}")
-        for name in ("num_chains", "num_draws"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        for name in ("tolerance", "bias_tolerance", "warmup_gap"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not (self.min_relax_time >= 0 and math.isfinite(self.min_relax_time)):
+            raise ValueError(f"min_relax_time must be >= 0, got {self.min_relax_time}")
+        if self.num_chains < 2:
+            raise ValueError(f"num_chains must be >= 2 (standard errors need two chains), "
+                             f"got {self.num_chains}")
+        for name in ("probe_steps", "min_steps", "level_steps"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"{name} must be >= 8, got {getattr(self, name)}")
+        if self.max_steps < self.min_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) must be >= min_steps "
+                             f"({self.min_steps})")
+
+
+class _Chains:
+    """Chains at one (ε, γ), started at ``start`` (default w*) and extended on demand;
+    keeps the per-step λ̂ of every chain."""
+
+    def __init__(self, driver: ChainDriver, max_steps: int, start=None):
+        self.sampler: SGLD = driver.sampler
+        self.nbeta = driver.nbeta
+        self.driver = driver
+        self._records = driver.run(max_steps, 0, start=start, verbose=False,
+                                   mala_samples=max(1, max_steps // _MALA_EVERY))
+        self.llc: list[np.ndarray] = []
+        self.acceptance: list[np.ndarray] = []
+        self.exhausted = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.llc)
+
+    @property
+    def langevin_time(self) -> float:
+        return self.sampler.lr * self.steps
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.exhausted or self.driver.diverged.any())
+
+    def extend_to(self, steps: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while self.steps < steps and not self.exhausted:
+                record = next(self._records, None)
+                if record is None:  # every chain diverged
+                    self.exhausted = True
+                    break
+                self.llc.append(np.where(record.alive, llc_from_losses(
+                    self.nbeta, record.loss, record.reference), np.nan))
+                if record.acceptance is not None:
+                    self.acceptance.append(record.acceptance)
+
+    def window(self, start: int, stop: int) -> np.ndarray:
+        """Per-chain mean λ̂ over steps [start, stop)."""
+        return np.asarray(self.llc[start:stop]).mean(axis=0)
+
+    def second_half(self) -> np.ndarray:
+        return self.window(self.steps // 2, self.steps)
+
+    def mala_acceptance(self) -> float:
+        values = np.asarray(self.acceptance)
+        return float(np.nanmean(values)) if values.size else float("nan")
+
+
+def _mean_sem(values: np.ndarray) -> tuple[float, float]:
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def relative_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean a − mean b)/mean b from paired per-chain means, and its standard error.
+
+    Pairing chains that share positions or noise cancels most of their common noise.
+    """
+    level = float(b.mean())
+    diff = a - b
+    return float(diff.mean()) / level, float(diff.std(ddof=1) / math.sqrt(diff.size)) / level
 
 
 @dataclass
 class Calibration:
-    """The recommended sampler and the sweep behind it."""
+    """The recommended sampler, its warm-up and burn-in, and the search behind it."""
 
     sampler: SGLD
-    num_draws: int
+    warmup_lr: float
+    num_warmup: int
     num_burnin: int
     table: list[dict]
     reason: str
     nbeta: float
     grid: CalibrationGrid = field(default_factory=CalibrationGrid)
+    traces: dict = field(default_factory=dict, repr=False)
+
+    def apply(self, settings: EstimateSettings) -> EstimateSettings:
+        """``settings`` with this sampler, warm-up and (at least this) burn-in."""
+        return replace(settings, sampler=self.sampler, warmup_lr=self.warmup_lr,
+                       num_warmup=self.num_warmup,
+                       num_burnin=max(settings.num_burnin, self.num_burnin))
 
     def to_dict(self) -> dict:
-        return {"sampler": self.sampler.to_dict(), "num_draws": self.num_draws,
-                "num_burnin": self.num_burnin, "reason": self.reason, "nbeta": self.nbeta,
-                "grid": asdict(self.grid),
+        return {"sampler": self.sampler.to_dict(), "warmup_lr": self.warmup_lr,
+                "num_warmup": self.num_warmup, "num_burnin": self.num_burnin,
+                "reason": self.reason, "nbeta": self.nbeta, "grid": asdict(self.grid),
                 "table": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                            for k, v in row.items()} for row in self.table]}
 
     def plot(self, path=None):
-        """λ̂ against ε, one line per γ, the chosen point circled; acceptance below."""
+        """Left: the warm-up's λ̂ against Langevin time. Right: λ̂ of the ladder levels
+        against ε (the chosen one circled) with their MALA acceptance."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        for i, gamma in enumerate(sorted({r["localization"] for r in self.table})):
-            rows = [r for r in self.table if r["localization"] == gamma]
-            lrs = [r["lr"] for r in rows]
-            top.plot(lrs, [r["llc_mean"] for r in rows], marker="o", color=f"C{i}",
-                     label=f"γ = {gamma:g}")
-            bottom.plot(lrs, [r["mala_acceptance"] for r in rows], marker=".", color=f"C{i}")
-            bad = [r for r in rows if not r["usable"]]
-            top.scatter([r["lr"] for r in bad], [r["llc_mean"] for r in bad], marker="x",
-                        color="k", zorder=3)
-        top.scatter([self.sampler.lr], [next(r["llc_mean"] for r in self.table if r["chosen"])],
-                    s=160, facecolors="none", edgecolors="r", zorder=4, label="chosen")
-        top.set_xscale("log")
-        top.set_ylabel("λ̂ (short chains)")
-        top.legend(fontsize=8)
-        bottom.axhline(self.grid.acceptance_target, color="g", ls="--", lw=1,
-                       label="acceptance target")
-        bottom.set_ylabel("MALA acceptance")
-        bottom.set_xlabel("SGLD step ε")
-        top.set_title(f"calibration sweep (nβ = {self.nbeta:.3g}); x = unusable")
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        warm = self.traces.get("warmup")
+        if warm is not None and len(warm):
+            mean = np.nanmean(warm, axis=1)
+            width = max(1, len(mean) // 200)
+            smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
+            left.plot(self.warmup_lr * (np.arange(len(smooth)) + width), smooth)
+        left.set_xscale("log")
+        left.set_xlabel("Langevin time ε·t")
+        left.set_ylabel("λ̂ (chain mean)")
+        left.set_title(f"warm-up at ε = {self.warmup_lr:.3g}, γ = "
+                       f"{self.sampler.localization:g}")
+        rows = [r for r in self.table if r["stage"] == "ladder"
+                and r["localization"] == self.sampler.localization]
+        right.errorbar([r["lr"] for r in rows], [r["llc_mean"] for r in rows],
+                       yerr=[2 * r["llc_sem"] for r in rows], fmt="o-", capsize=2,
+                       label="λ̂ from the relaxed positions (± 2 s.e.)")
+        right.scatter([self.sampler.lr], [next(r["llc_mean"] for r in rows if r["chosen"])],
+                      s=160, facecolors="none", edgecolors="r", zorder=4, label="chosen")
+        right.set_xscale("log")
+        right.set_xlabel("SGLD step ε")
+        right.set_ylabel("λ̂")
+        twin = right.twinx()
+        twin.plot([r["lr"] for r in rows], [r["mala_acceptance"] for r in rows], "g.--", lw=1)
+        twin.set_ylabel("MALA acceptance", color="g")
+        twin.set_ylim(0, 1.05)
+        right.legend(fontsize=8)
+        right.set_title(f"step-bias ladder (nβ = {self.nbeta:.3g})")
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
 
 
-def _sweep_point(stacked, w_star, x, y, settings, restrict_to) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            # The choice leans on MALA acceptance, so read it on many draws, not the default 10.
-            result = run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
-                                  verbose=False, mala_samples=settings.num_draws // 4)
-        except RuntimeError:  # every chain diverged
-            return {"llc_mean": float("nan"), "llc_std": float("nan"), "llc_sem": float("nan"),
-                    "mala_acceptance": float("nan"), "num_diverged": settings.num_chains,
-                    "stationary": False, "rhat": float("nan")}
-    d = result.diagnostics
-    return {"llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
-            "mala_acceptance": d["mala_acceptance"], "num_diverged": d["num_diverged"],
-            "stationary": all(c["stationary"] for c in d["chains"] if not c["diverged"]),
-            "rhat": d["rhat"]}
+class _Search:
+    """One γ's search: probe, warm up, descend the ladder. Rows go to ``table``; all runs
+    share one step budget."""
 
+    def __init__(self, make_driver, grid: CalibrationGrid, gamma: float, table: list, bar):
+        self.make_driver = make_driver
+        self.grid = grid
+        self.gamma = gamma
+        self.table = table
+        self.bar = bar
+        self.spent = 0
+        self.warmup: _Chains | None = None
 
-def _usable(row: dict, acceptance_target: float) -> bool:
-    accept = row["mala_acceptance"]
-    return bool(row["num_diverged"] == 0 and math.isfinite(row["llc_mean"])
-                and row["llc_mean"] > 0
-                and (not math.isfinite(accept) or accept >= acceptance_target))
+    def chains(self, lr: float, start=None, seed_offset: int = 0) -> _Chains:
+        return _Chains(self.make_driver(lr, self.gamma, seed_offset), self.grid.max_steps,
+                       start=start)
 
+    def extend(self, chains: _Chains, steps: int) -> bool:
+        """Extend within the budget; False when the budget cannot cover it."""
+        need = steps - chains.steps
+        if need <= 0:
+            return True
+        if self.spent + need > self.grid.max_steps:
+            return False
+        chains.extend_to(steps)
+        self.spent += need
+        self.bar.update(need)
+        return True
 
-def _flat(a: dict, b: dict, grid: CalibrationGrid) -> bool:
-    """Both usable, both stationary, and λ̂ within ``grid.tolerance`` (relative)."""
-    if not (_usable(a, grid.acceptance_target) and _usable(b, grid.acceptance_target)
-            and a["stationary"] and b["stationary"]):
-        return False
-    gap = abs(a["llc_mean"] - b["llc_mean"])
-    return gap <= grid.tolerance * min(a["llc_mean"], b["llc_mean"])
+    def row(self, chains: _Chains, stage: str, **extra) -> dict:
+        level, sem = (_mean_sem(chains.second_half()) if chains.healthy and chains.steps > 1
+                      else (math.nan, math.nan))
+        row = {"lr": chains.sampler.lr, "localization": self.gamma, "stage": stage,
+               "steps": chains.steps, "langevin_time": chains.langevin_time,
+               "llc_mean": level, "llc_sem": sem, "mala_acceptance": chains.mala_acceptance(),
+               "num_diverged": int(chains.driver.diverged.sum()), "chosen": False, **extra}
+        self.table.append(row)
+        return row
 
+    def fail(self, why: str) -> tuple[None, str]:
+        return None, f"γ = {self.gamma:g}: {why}"
 
-def choose(table: list[dict], grid: CalibrationGrid) -> tuple[dict | None, str]:
-    """Mark usable/plateau rows in ``table`` (in place) and return the chosen row and why."""
-    for row in table:
-        row["usable"] = _usable(row, grid.acceptance_target)
-        row["on_plateau"] = False
-        row["chosen"] = False
-    gammas = sorted({r["localization"] for r in table})
-    for gamma in gammas:
-        rows = sorted((r for r in table if r["localization"] == gamma), key=lambda r: r["lr"])
-        for smaller, row in zip(rows, rows[1:]):
-            if _flat(smaller, row, grid):
-                row["on_plateau"] = smaller["on_plateau"] = True
-    for gamma in gammas:  # weakest localisation first: it biases λ̂ least
-        rows = [r for r in table if r["localization"] == gamma]
-        plateau = [r for r in rows if r["on_plateau"]]
-        candidates = plateau or [r for r in rows if r["usable"]]
-        if not candidates:
-            continue
-        best = max(candidates, key=lambda r: r["lr"])
-        best["chosen"] = True
-        if plateau:
-            return best, (f"largest ε on the plateau (λ̂ within {grid.tolerance:.0%} of the next "
-                          f"smaller ε, both stationary) with MALA acceptance "
-                          f"{best['mala_acceptance']:.2f} ≥ {grid.acceptance_target}, at "
-                          f"γ = {gamma:g}, the weakest localisation with usable chains")
-        return best, (f"no plateau within the calibration chains' length (λ̂ still moves by "
-                      f"more than {grid.tolerance:.0%} between neighbouring ε): took the "
-                      f"largest ε with MALA acceptance ≥ {grid.acceptance_target} "
-                      f"({best['mala_acceptance']:.2f}) at γ = {gamma:g}, the weakest "
-                      "localisation with usable chains; the estimate runs a long burn-in. "
-                      "Treat λ̂ as approximate")
-    return None, ("no usable point: every setting diverged, gave λ̂ ≤ 0 or accepted under "
-                  f"{grid.acceptance_target:.0%} of its proposals")
+    def stable_lrs(self) -> list[float]:
+        """Grid ε from the largest that passed the probe down (empty if none did)."""
+        lrs = sorted(self.grid.lrs, reverse=True)
+        for i, lr in enumerate(lrs):
+            probe = self.chains(lr)
+            if not self.extend(probe, self.grid.probe_steps):
+                return []
+            row = self.row(probe, "probe")
+            if probe.healthy and row["llc_mean"] > 0:
+                return lrs[i:]
+        return []
+
+    def relax(self, lr: float, stage: str) -> tuple[_Chains | None, str]:
+        """Run from w* at ``lr`` until relaxed; (chains, "") or (None, why not)."""
+        grid = self.grid
+        min_time = grid.min_relax_time / max(self.gamma, 1.0)
+        chains = self.chains(lr)
+        steps = grid.min_steps
+        while True:
+            if not self.extend(chains, steps):
+                return None, (f"the {stage} at ε = {lr:.3g} did not relax within the step "
+                              f"budget ({grid.max_steps}; reached ε·t = "
+                              f"{chains.langevin_time:.3g})")
+            if not chains.healthy:
+                self.row(chains, stage)
+                return None, f"chains diverged during the {stage} at ε = {lr:.3g}"
+            drift, drift_sem = relative_gap(chains.second_half(),
+                                            chains.window(steps // 4, steps // 2))
+            if (chains.langevin_time >= min_time and np.mean(chains.second_half()) > 0
+                    and abs(drift) <= grid.tolerance + 2 * drift_sem):
+                self.row(chains, stage, drift=drift, drift_sem=drift_sem)
+                return chains, ""
+            steps *= 2
+
+    def descend(self, relaxed: _Chains, tolerance: float, stage: str
+                ) -> tuple[dict | None, str]:
+        """Halve ε from ``relaxed``'s step, every level starting at its positions with the
+        same noise and running the same number of steps, until λ̂ at 2ε and at ε agree
+        within ``tolerance``; (row of that ε, "") or (None, why not)."""
+        grid = self.grid
+        start = relaxed.driver.positions.clone()
+        lr = relaxed.sampler.lr
+        larger = self.chains(lr, start, seed_offset=1)
+        level_steps = grid.level_steps
+        if not self.extend(larger, level_steps) or not larger.healthy:
+            return None, (f"the first {stage} level at ε = {lr:.3g} "
+                          + ("diverged" if larger.steps else "did not fit the budget"))
+        self.row(larger, stage)
+        lr /= 2
+        while lr >= min(grid.lrs) / 2:
+            smaller = self.chains(lr, start, seed_offset=1)
+            while True:
+                if not (self.extend(larger, level_steps) and self.extend(smaller, level_steps)):
+                    return None, (f"the step budget ({grid.max_steps}) ran out on the "
+                                  f"{stage} at ε = {lr:.3g}")
+                if not (larger.healthy and smaller.healthy):
+                    return None, f"chains diverged on the {stage} at ε = {lr:.3g}"
+                gap, gap_sem = relative_gap(larger.second_half(), smaller.second_half())
+                resolved = gap_sem <= tolerance / 2
+                if (abs(gap) - 2 * gap_sem > tolerance or resolved
+                        or level_steps >= grid.level_steps * 2 ** grid.max_lengthenings):
+                    break
+                level_steps *= 2  # unresolved: lengthen both levels
+            row = self.row(smaller, stage, gap_to_double_lr=gap, gap_sem=gap_sem,
+                           resolved=resolved)
+            # An unresolved gap that is not significantly above the tolerance is accepted:
+            # the step bias is then below what the chains can measure.
+            if abs(gap) <= tolerance or (not resolved and abs(gap) - 2 * gap_sem <= tolerance):
+                return row, ""
+            larger, lr = smaller, lr / 2
+        return None, (f"on the {stage}, λ̂ still changes by more than {tolerance:.0%} per "
+                      f"halving of ε at the grid's smallest ε ({min(grid.lrs):.3g})")
+
+    def run(self) -> tuple[dict | None, str]:
+        grid = self.grid
+        lrs = self.stable_lrs()
+        if len(lrs) < 2:
+            return self.fail(f"every ε of the grid (but at most the smallest) diverged or "
+                             f"read λ̂ ≤ 0 within {grid.probe_steps} steps")
+        for lr in lrs[1:]:  # one grid value below the largest stable ε
+            hot, why = self.relax(lr, "hot warm-up")
+            if hot is not None:
+                break
+            if "diverged" not in why:
+                return self.fail(why)
+        else:
+            return self.fail("every hot warm-up diverged")
+        # A warm-up much hotter than the target also shifts the slow directions (towards
+        # more singular regions; measured on rrr 3-2-3), so the warm-up proper runs at the
+        # first ε whose step bias is moderate.
+        moderate, why = self.descend(hot, grid.warmup_gap, "hot ladder")
+        if moderate is None:
+            return self.fail(why)
+        self.warmup, why = self.relax(moderate["lr"], "warm-up")
+        if self.warmup is None:
+            return self.fail(why)
+        chosen, why = self.descend(self.warmup, grid.bias_tolerance, "ladder")
+        if chosen is None:
+            return self.fail(why)
+        chosen["chosen"] = True
+        chosen["burnin_steps"] = chosen["steps"] // 2
+        # The estimate warms up at 2ε, the ladder level just above: its step bias was
+        # measured small, so it barely shifts the slow directions, and it covers the
+        # warm-up's Langevin time in half the steps of ε itself.
+        chosen["warmup_lr"] = 2 * chosen["lr"]
+        chosen["warmup_steps"] = math.ceil(self.warmup.langevin_time / chosen["warmup_lr"])
+        resolved = chosen["resolved"]
+        return chosen, (
+            f"λ̂ at ε = {chosen['lr']:.3g} and at 2ε agree within {grid.bias_tolerance:.0%} "
+            f"(gap {chosen['gap_to_double_lr']:+.1%} ± {chosen['gap_sem']:.1%}"
+            f"{'' if resolved else '; not resolved at the longest level, and not '}"
+            f"{'' if resolved else 'significantly above the tolerance'}), both run from "
+            f"positions relaxed by a warm-up at ε = {self.warmup.sampler.lr:.3g} to ε·t = "
+            f"{self.warmup.langevin_time:.3g} (the first ε whose gap to 2ε was within "
+            f"{grid.warmup_gap:.0%} after a hot warm-up at ε = {hot.sampler.lr:.3g}); the "
+            "step bias is about linear in ε, so the gap estimates the bias left at ε. The "
+            f"estimate warms up at 2ε for the same Langevin time. "
+            f"γ = {self.gamma:g}, the weakest localisation for which all this fit the budget")
 
 
 def calibrate(model, data, *, loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
               nbeta: float | None = None, batch_size: int = 128, seed: int = 0,
               estimator: str = "control_variate", restrict_to=None, verbose: bool = True,
-              exhaustive: bool = False, stacked: StackedModel | None = None) -> Calibration:
-    """Sweep ε × γ with short chains at the model's weights; recommend an ``SGLD``.
-
-    The search walks each γ (weakest first) from the largest ε down and stops at the
-    first pair of neighbouring ε whose λ̂ agree within ``grid.tolerance``: the larger of
-    the two is the largest ε on the plateau. ``exhaustive=True`` evaluates the whole grid
-    (for a complete sweep plot); the choice is the same rule applied to all points.
+              stacked: StackedModel | None = None) -> Calibration:
+    """Choose ε, γ, the warm-up and the burn-in for SGLD at the model's weights (see the
+    module docstring). ``Calibration.apply(settings)`` puts the choice into
+    ``EstimateSettings``; ``estimate_llc(sampler="auto")`` and ``LLCProbe`` do so.
 
     The model, its gradients and the global RNG are untouched (as for ``estimate_llc``).
     """
     grid = grid or CalibrationGrid()
     x, y = as_tensors(data)
     stacked = stacked or StackedModel(model, resolve_loss(loss_fn))
+    x, y = x.to(stacked.device), y.to(stacked.device)
     w_star = stacked.load_state(model.state_dict())
+    star_losses = stacked.per_example_losses(w_star, x, y)
+    mask = stacked.mask_for(restrict_to)
     nbeta = nbeta if nbeta is not None else default_nbeta(len(x))
-    table = []
-    bar = tqdm(total=len(grid.localizations) * len(grid.lrs), desc="calibrating",
-               disable=not verbose, leave=False)
+
+    def make_driver(lr: float, gamma: float, seed_offset: int) -> ChainDriver:
+        generator = torch.Generator(device=stacked.device).manual_seed(seed * 1000 + seed_offset)
+        return ChainDriver(stacked, x, y, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
+                           nbeta=nbeta, w_star=w_star, star_losses=star_losses, mask=mask,
+                           num_chains=grid.num_chains, batch_size=batch_size,
+                           estimator=estimator, loss_on="minibatch", generator=generator)
+
+    table: list[dict] = []
+    reasons = []
+    best = search = None
+    bar = tqdm(total=None, desc="calibrating", unit="step", disable=not verbose, leave=False)
     for gamma in sorted(grid.localizations):
-        larger = None
-        for lr in sorted(grid.lrs, reverse=True):
-            settings = EstimateSettings(sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
-                                        num_chains=grid.num_chains, num_draws=grid.num_draws,
-                                        num_burnin=grid.num_burnin, batch_size=batch_size,
-                                        seed=seed, estimator=estimator)
-            row = {"lr": lr, "localization": gamma,
-                   **_sweep_point(stacked, w_star, x, y, settings, restrict_to)}
-            table.append(row)
-            bar.update(1)
-            if not exhaustive and larger is not None and _flat(larger, row, grid):
-                break  # ``larger`` is the largest ε on this γ's plateau
-            larger = row
-        if not exhaustive and any(_usable(r, grid.acceptance_target) for r in table
-                                  if r["localization"] == gamma):
-            break  # the weakest localisation with usable chains wins; stronger γ need not run
+        search = _Search(make_driver, grid, gamma, table, bar)
+        best, reason = search.run()
+        reasons.append(reason)
+        if best is not None:
+            break
     bar.close()
-    best, reason = choose(table, grid)
     if best is None:
-        raise RuntimeError(f"calibration failed: {reason}. Check that the model is at a trained "
-                           "minimum, or widen the grid")
-    sampler = SGLD(lr=best["lr"], localization=best["localization"], nbeta=nbeta)
-    # Flat directions of singular models relax slowly at the chosen ε (measured: RRR 5-4-5
-    # at r = 0 reaches 71 % of λ after 800 steps, 91 % after 3,000), so the estimate gets a
-    # burn-in of six calibration runs.
-    return Calibration(sampler=sampler, num_draws=grid.num_draws,
-                       num_burnin=6 * (grid.num_burnin + grid.num_draws),
-                       table=table, reason=reason, nbeta=nbeta, grid=grid)
+        raise RuntimeError("calibration failed: " + "; ".join(reasons) + ". Check that the "
+                           "model is at a trained minimum, or widen the grid")
+    warmup = search.warmup
+    return Calibration(sampler=SGLD(lr=best["lr"], localization=best["localization"],
+                                    nbeta=nbeta),
+                       warmup_lr=best["warmup_lr"], num_warmup=best["warmup_steps"],
+                       num_burnin=best["burnin_steps"], table=table, reason="; ".join(reasons),
+                       nbeta=nbeta, grid=grid, traces={"warmup": np.asarray(warmup.llc)})

@@ -49,12 +49,29 @@ class ChainDriver:
         self.diverged = np.zeros(num_chains, dtype=bool)
         self.diverged_at: list[int | None] = [None] * num_chains
 
-    def run(self, num_draws: int, num_burnin: int = 0, *, verbose: bool = True,
-            desc: str = "LLC", mala_samples: int = MALA_SAMPLES) -> Iterator[DrawRecord]:
+    def run(self, num_draws: int, num_burnin: int = 0, *, num_warmup: int = 0,
+            warmup_sampler: Sampler | None = None, start: Tensor | None = None,
+            verbose: bool = True, desc: str = "LLC",
+            mala_samples: int = MALA_SAMPLES) -> Iterator[DrawRecord]:
+        """Warm-up (``num_warmup`` steps of ``warmup_sampler``), burn-in, then draws.
+
+        A warm-up at a coarser step covers more Langevin time per step, so chains spread
+        along slow, flat directions sooner; the burn-in at the sampler's own step then lets
+        the fast directions settle to it. ``start`` (chains × d) replaces w* as the first
+        position. ``self.positions`` always holds the chains' current positions.
+        """
         chains, device = self.num_chains, self.stacked.device
+        if num_warmup and warmup_sampler is None:
+            raise ValueError("num_warmup > 0 needs a warmup_sampler")
         stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
-        state = self.sampler.init(self.w_star.contiguous(), self.generator, self.mask)
+        first = self.w_star.contiguous() if start is None else start.clone()
+        if first.shape != self.w_star.shape:
+            raise ValueError(f"start must have shape {tuple(self.w_star.shape)} (chains × d), "
+                             f"got {tuple(first.shape)}")
+        state = self.sampler.init(first, self.generator, self.mask)
+        self.positions = state.w
         noise = torch.empty_like(state.w)
+        num_burnin = num_warmup + num_burnin
         total = num_burnin + num_draws
         track_mala = isinstance(self.sampler, SGLD) and type(self.sampler).step is SGLD.step
         mala_every = max(1, num_draws // max(mala_samples, 1))
@@ -92,8 +109,9 @@ class ChainDriver:
                     noise.mul_(self.mask)
                 if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
                     pending = (state.w, torch.linalg.vecdot(noise, noise, dim=1).double())
-                state = self.sampler.step(state, grads, noise, w_star=self.w_star,
-                                          nbeta=self.nbeta)
+                kernel = warmup_sampler if step < num_warmup else self.sampler
+                state = kernel.step(state, grads, noise, w_star=self.w_star, nbeta=self.nbeta)
+                self.positions = state.w
                 bar.update(1)
 
     def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,

@@ -206,12 +206,9 @@ class LLCProbe:
 
     def use_calibration(self, calibration) -> None:
         """Hold the sampler of a ``slt_probe.calibrate`` result fixed for every estimate."""
-        from dataclasses import replace
-
         self.calibration = calibration
         self._needs_calibration = False
-        self.settings = replace(self.settings, sampler=calibration.sampler,
-                                num_burnin=max(self.settings.num_burnin, calibration.num_burnin))
+        self.settings = calibration.apply(self.settings)
         if self.log_dir is not None:
             path = self.log_dir / MANIFEST_NAME
             manifest = json.loads(path.read_text())

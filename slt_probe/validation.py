@@ -58,22 +58,29 @@ def run_case(case: ValidationCase, *, num_chains: int, num_draws: int, seed: int
             "relative_error": (result.llc_mean - truth) / truth,
             "healthy": result.diagnostics["healthy"],
             "lr": cal["sampler"]["lr"], "localization": cal["sampler"]["localization"],
-            "num_burnin": result.config["num_burnin"], "num_draws": num_draws,
+            "num_burnin": result.config["num_burnin"], "num_warmup": result.config["num_warmup"], "warmup_lr": result.config["warmup_lr"], "num_draws": num_draws,
             "num_chains": num_chains, "mala_acceptance": result.diagnostics["mala_acceptance"],
             "calibration": cal["reason"], "seconds": time.perf_counter() - started}
+
+
+def _warmup(row: dict) -> str:
+    steps = row.get("num_warmup") or 0
+    return f"{steps:,} × {row['warmup_lr']:.2g}" if steps else "none"
 
 
 def markdown(rows: list[dict], command: str, tolerance: float = 0.10) -> str:
     lines = [f"Measured with `{command}`: automatic calibration only (`sampler=\"auto\"`), "
              f"batch 500, seed 0. ✗ marks a relative error above {tolerance:.0%}.", "",
-             "| case | d | true λ | λ̂ ± std | rel. error | healthy | ε, γ (auto) | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | d | true λ | λ̂ ± std | rel. error | healthy | ε, γ (auto) | "
+             "warm-up: steps × ε | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if abs(r["relative_error"]) <= tolerance else " ✗"
         lines.append(f"| {r['case']} | {r['d']} | {r['true_lambda_exact']} | "
                      f"{r['llc_mean']:.4g} ± {r['llc_std']:.2g} | "
                      f"{r['relative_error']:+.1%}{mark} | {'yes' if r['healthy'] else 'no'} | "
-                     f"{r['lr']:.0e}, {r['localization']:g} | {r['seconds']:.0f} |")
+                     f"{r['lr']:.2g}, {r['localization']:g} | {_warmup(r)} | "
+                     f"{r['seconds']:.0f} |")
     hits = sum(abs(r["relative_error"]) <= tolerance for r in rows)
     lines += ["", f"{hits} of {len(rows)} cases within {tolerance:.0%}."]
     return "\n".join(lines) + "\n"

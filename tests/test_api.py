@@ -100,6 +100,9 @@ def test_bad_data_type_is_named(tiny_classifier):
     ({"sampler": "sgld"}, ValueError, "sampler"),
     ({"sampler": 3.0}, TypeError, "sampler"),
     ({"restrict_to": ["nope"]}, ValueError, "unknown parameter"),
+    ({"num_warmup": 10}, ValueError, "warmup_lr"),
+    ({"warmup_lr": -1.0, "num_warmup": 10}, ValueError, "warmup_lr"),
+    ({"warmup_lr": 1e-3, "num_warmup": 10, "backend": "devinterp"}, ValueError, "native"),
 ])
 def test_bad_arguments_are_named(tiny_classifier, kwargs, error, message):
     model, x, y = tiny_classifier
@@ -234,3 +237,21 @@ def test_a_point_that_is_not_a_minimum_is_reported(regular_problem):
                      batch_size=500, verbose=False)
     assert r.llc_mean < 0
     assert any("below L(w*)" in w for w in r.diagnostics["warnings"])
+
+
+def test_warmup_runs_its_steps_at_the_warmup_step_size(regular_problem):
+    p = regular_problem
+    common = dict(loss_fn=p.loss_fn, sampler=SGLD(lr=1e-5, localization=1.0), num_chains=2,
+                  num_draws=50, batch_size=500, verbose=False)
+    burnin = estimate_llc(p.model, (p.x, p.y), num_burnin=40, **common)
+    # A warm-up at the sampler's own step is the same as a longer burn-in, draw for draw.
+    same = estimate_llc(p.model, (p.x, p.y), num_burnin=10, warmup_lr=1e-5, num_warmup=30,
+                        **common)
+    np.testing.assert_allclose(same.llc_trace, burnin.llc_trace)
+    assert same.config["num_warmup"] == 30 and same.config["warmup_lr"] == 1e-5
+    # At a 100× larger step, 30 steps spread the chains far more: the first draws read
+    # a clearly larger loss before the burn-in at 1e-5 cools them.
+    hot = estimate_llc(p.model, (p.x, p.y), num_burnin=0, warmup_lr=1e-3, num_warmup=30,
+                       **common)
+    cold = estimate_llc(p.model, (p.x, p.y), num_burnin=30, **common)
+    assert hot.llc_trace[:, :5].mean() > 3 * cold.llc_trace[:, :5].mean()

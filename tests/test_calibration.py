@@ -6,69 +6,83 @@ import torch
 
 import slt_probe
 from slt_probe import CalibrationGrid, LLCProbe, calibrate, estimate_llc
-from slt_probe.calibration import choose
+from slt_probe.api import EstimateSettings
+from slt_probe.calibration import relative_gap
 from slt_probe.validation import markdown, scatter
 
-SMALL_GRID = CalibrationGrid(lrs=(1e-3, 1e-4, 3e-5, 1e-5, 3e-6), localizations=(1.0,),
-                             num_chains=4, num_draws=200, num_burnin=300)
-
-
-def _row(lr, gamma, llc, accept=0.8, diverged=0, stationary=True):
-    return {"lr": lr, "localization": gamma, "llc_mean": llc, "llc_std": 0.1, "llc_sem": 0.05,
-            "mala_acceptance": accept, "num_diverged": diverged, "stationary": stationary,
-            "rhat": 1.0}
+SMALL_GRID = CalibrationGrid(lrs=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6),
+                             localizations=(1.0,), num_chains=4, level_steps=200)
 
 
 @pytest.mark.parametrize("kwargs, name", [({"lrs": ()}, "lrs"), ({"lrs": (-1.0,)}, "lrs"),
                                           ({"localizations": (-1.0,)}, "localizations"),
                                           ({"tolerance": 0.0}, "tolerance"),
-                                          ({"acceptance_target": 1.5}, "acceptance_target")])
+                                          ({"bias_tolerance": 1.5}, "bias_tolerance"),
+                                          ({"num_chains": 1}, "num_chains"),
+                                          ({"level_steps": 2}, "level_steps"),
+                                          ({"max_steps": 10}, "max_steps")])
 def test_grid_rejects_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CalibrationGrid(**kwargs)
 
 
-def test_choose_takes_largest_eps_on_plateau_at_weakest_gamma():
-    grid = CalibrationGrid()
-    table = [_row(1e-3, 1.0, float("nan"), diverged=4), _row(1e-4, 1.0, 20.0, accept=0.3),
-             _row(3e-5, 1.0, 10.5), _row(1e-5, 1.0, 10.0), _row(3e-6, 1.0, 6.0),
-             _row(3e-5, 10.0, 9.0), _row(1e-5, 10.0, 9.1)]
-    best, reason = choose(table, grid)
-    assert (best["lr"], best["localization"]) == (3e-5, 1.0)
-    assert "plateau" in reason
-    assert [r["lr"] for r in table if r["on_plateau"]] == [3e-5, 1e-5, 3e-5, 1e-5]
-    assert not table[1]["usable"] and not table[0]["usable"]
-
-
-def test_choose_falls_back_to_acceptance_and_then_gives_up():
-    grid = CalibrationGrid()
-    table = [_row(1e-4, 1.0, 20.0, accept=0.3), _row(3e-5, 1.0, 12.0, accept=0.7),
-             _row(1e-5, 1.0, 6.0, accept=0.9)]
-    best, reason = choose(table, grid)
-    assert best["lr"] == 3e-5 and "no plateau" in reason
-    none, why = choose([_row(1e-3, 1.0, float("nan"), diverged=4)], grid)
-    assert none is None and "no usable point" in why
+def test_relative_gap_pairs_chains():
+    # A shift common to each pair cancels: the gap is exact and its standard error zero.
+    base = np.array([1.0, 5.0, 9.0, 13.0])
+    gap, sem = relative_gap(base + 0.7, base)
+    assert gap == pytest.approx(0.7 / 7.0) and sem == pytest.approx(0.0, abs=1e-12)
+    gap, sem = relative_gap(np.array([2.0, 4.0]), np.array([1.0, 1.0]))
+    assert gap == pytest.approx(2.0) and sem == pytest.approx(1.0)
 
 
 def test_calibrate_then_estimate_lands_near_truth(regular_problem, tmp_path):
     p = regular_problem
     rng = torch.get_rng_state()
+    weights = {k: v.clone() for k, v in p.model.state_dict().items()}
     cal = calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, grid=SMALL_GRID, batch_size=500,
                     verbose=False)
     assert torch.equal(torch.get_rng_state(), rng)
-    chosen = next(r for r in cal.table if r["chosen"])
-    assert chosen["lr"] == cal.sampler.lr and chosen["mala_acceptance"] >= 0.55
-    assert chosen["num_diverged"] == 0
+    assert all(torch.equal(v, p.model.state_dict()[k]) for k, v in weights.items())
     assert cal.nbeta == pytest.approx(5000 / math.log(5000))
-    assert any(r["chosen"] for r in cal.table) and cal.reason
-    assert any(r["num_diverged"] > 0 or r["mala_acceptance"] < 0.55 for r in cal.table)
+    stages = [r["stage"] for r in cal.table]
+    assert stages.index("probe") < stages.index("warm-up") < stages.index("ladder")
+    # The probe stops at the first stable ε; larger ones diverged.
+    probes = [r for r in cal.table if r["stage"] == "probe"]
+    assert probes[-1]["num_diverged"] == 0 and all(r["num_diverged"] for r in probes[:-1])
+    warm = next(r for r in cal.table if r["stage"] == "warm-up")
+    assert warm["lr"] < probes[-1]["lr"]
+    assert warm["langevin_time"] >= SMALL_GRID.min_relax_time
+    # The estimate warms up at 2ε for the Langevin time the warm-up needed.
+    assert cal.warmup_lr == pytest.approx(2 * cal.sampler.lr) and cal.warmup_lr <= warm["lr"]
+    assert cal.num_warmup * cal.warmup_lr == pytest.approx(warm["langevin_time"], rel=0.01)
+    # Down the ladder every level but the chosen one is more than the tolerance above
+    # the next; the chosen one is within it.
+    ladder = [r for r in cal.table if r["stage"] == "ladder"]
+    chosen = next(r for r in ladder if r["chosen"])
+    assert chosen["lr"] == cal.sampler.lr and chosen is ladder[-1]
+    assert abs(chosen["gap_to_double_lr"]) <= SMALL_GRID.bias_tolerance
+    assert all(abs(r["gap_to_double_lr"]) > SMALL_GRID.bias_tolerance for r in ladder[1:-1])
+    assert all(a["lr"] / b["lr"] == pytest.approx(2.0) for a, b in zip(ladder, ladder[1:]))
+    settings = cal.apply(EstimateSettings(sampler=slt_probe.SGLD(), num_chains=4,
+                                          num_draws=1000, batch_size=500))
+    assert (settings.sampler, settings.warmup_lr, settings.num_warmup, settings.num_burnin) == \
+        (cal.sampler, cal.warmup_lr, cal.num_warmup, cal.num_burnin)
     result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler=cal.sampler,
                           num_chains=4, num_draws=1000, num_burnin=cal.num_burnin,
                           batch_size=500, verbose=False)
     assert result.llc_mean == pytest.approx(5.0, rel=0.10)
-    cal.plot(tmp_path / "sweep.png")
-    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    cal.plot(tmp_path / "calibration.png")
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
     assert cal.to_dict()["sampler"]["lr"] == cal.sampler.lr
+
+
+def test_calibration_reports_an_exhausted_budget(regular_problem):
+    p = regular_problem
+    grid = CalibrationGrid(lrs=(1e-3, 1e-4), localizations=(1.0, 10.0), num_chains=2,
+                           min_steps=200, max_steps=300)
+    with pytest.raises(RuntimeError, match="budget"):
+        calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, grid=grid, batch_size=500,
+                  verbose=False)
 
 
 def test_unknown_sampler_name_is_rejected(tiny_classifier):
@@ -85,8 +99,10 @@ def test_auto_sampler_on_regular_model(regular_problem):
     cal = result.config["calibration"]
     assert result.config["sampler"]["lr"] == cal["sampler"]["lr"]
     assert result.config["num_burnin"] >= cal["num_burnin"]
+    assert result.config["num_warmup"] == cal["num_warmup"] > 0
+    assert result.config["warmup_lr"] == cal["warmup_lr"] > cal["sampler"]["lr"]
     assert len(cal["table"]) >= 3 and cal["reason"]
-    assert result.llc_mean == pytest.approx(5.0, rel=0.15)
+    assert result.llc_mean == pytest.approx(5.0, rel=0.10)
 
 
 def test_probe_calibrates_once_and_holds_the_sampler(regular_problem, tmp_path):
