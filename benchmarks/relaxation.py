@@ -1,7 +1,7 @@
 """Under-relaxation against discretisation bias: λ̂ over time windows for a ladder of ε.
 
-Why automatic calibration should compare step sizes at equal Langevin time ε·t rather
-than at equal steps (``slt_probe.calibrate`` does not yet: issue 3). Chains start at w*
+Why automatic calibration must not compare step sizes on chains that have not relaxed
+(``slt_probe.calibrate`` therefore relaxes them first, with a warm-up). Chains start at w*
 and λ̂ climbs while they spread along flat directions; a run of a fixed number of steps
 at a small ε stops before they have spread, so an equal-steps sweep reads λ̂ too low at
 small ε and mistakes that for a plateau. This script runs every ε of

@@ -27,10 +27,10 @@ class ValidationCase:
 CASES = [
     ValidationCase("monomial w1 w2^2", lambda: km.monomial(1, 2, 20_000), True),
     ValidationCase("regular d=20", lambda: km.regular(20, 1, 20_000), True),
-    ValidationCase("rrr 5-4-5 r=0", lambda: km.deep_linear([5, 4, 5], 0, 50_000), True),
+    ValidationCase("rrr 5-4-5 r=0", lambda: km.deep_linear([5, 4, 5], 0, 50_000), False),
     ValidationCase("rrr 3-2-3 r=1", lambda: km.deep_linear([3, 2, 3], 1, 50_000), True),
     ValidationCase("deep linear 2-3-4-2 r=1", lambda: km.deep_linear([2, 3, 4, 2], 1, 50_000), True),
-    ValidationCase("deep linear 5-5-5-5 r=2", lambda: km.deep_linear([5, 5, 5, 5], 2, 50_000), True),
+    ValidationCase("deep linear 5-5-5-5 r=2", lambda: km.deep_linear([5, 5, 5, 5], 2, 50_000), False),
     ValidationCase("monomial w1 w2^3", lambda: km.monomial(1, 3, 20_000), False),
     ValidationCase("rrr 4-3-2 r=1", lambda: km.deep_linear([4, 3, 2], 1, 50_000), False),
     ValidationCase("rrr 10-6-8 r=2", lambda: km.deep_linear([10, 6, 8], 2, 50_000), False),
@@ -112,8 +112,6 @@ def scatter(rows: list[dict], path) -> None:
 def validate(*, quick: bool, out: str | Path, command: str, verbose: bool = True,
              num_chains: int = 8, num_draws: int = 2000) -> list[dict]:
     cases = [c for c in CASES if c.quick or not quick]
-    if quick:
-        num_draws = min(num_draws, 1000)
     rows = []
     header = f"{'case':30s} {'d':>6s} {'true λ':>9s} {'λ̂ ± std':>18s} {'rel.err':>8s} healthy  s"
     if verbose:

@@ -125,6 +125,9 @@ def test_probe_calibrates_once_and_holds_the_sampler(regular_problem, tmp_path):
         slt_probe.calibration.calibrate = original
     assert len(calls) == 1
     assert probe.settings.sampler.lr == probe.calibration.sampler.lr
+    assert (probe.settings.warmup_lr, probe.settings.num_warmup) == \
+        (probe.calibration.warmup_lr, probe.calibration.num_warmup)
+    assert probe.history[-1]["llc_mean"] == pytest.approx(5.0, rel=0.5)
     assert "calibration" in (tmp_path / "manifest.json").read_text()
 
 
