@@ -213,16 +213,16 @@ class Calibration:
         import matplotlib.pyplot as plt
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-        warm = self.traces.get("warmup")
+        warm, warm_lr = self.traces.get("warmup"), self.traces.get("warmup_lr", math.nan)
         if warm is not None and len(warm):
             mean = np.nanmean(warm, axis=1)
             width = max(1, len(mean) // 200)
             smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
-            left.plot(self.warmup_lr * (np.arange(len(smooth)) + width), smooth)
+            left.plot(warm_lr * (np.arange(len(smooth)) + width), smooth)
         left.set_xscale("log")
         left.set_xlabel("Langevin time ε·t")
         left.set_ylabel("λ̂ (chain mean)")
-        left.set_title(f"warm-up at ε = {self.warmup_lr:.3g}, γ = "
+        left.set_title(f"calibration warm-up at ε = {warm_lr:.3g}, γ = "
                        f"{self.sampler.localization:g}")
         rows = [r for r in self.table if r["stage"] == "ladder"
                 and r["localization"] == self.sampler.localization]
@@ -453,4 +453,5 @@ def calibrate(model, data, *, loss_fn="cross_entropy", grid: CalibrationGrid | N
                                     nbeta=nbeta),
                        warmup_lr=best["warmup_lr"], num_warmup=best["warmup_steps"],
                        num_burnin=best["burnin_steps"], table=table, reason="; ".join(reasons),
-                       nbeta=nbeta, grid=grid, traces={"warmup": np.asarray(warmup.llc)})
+                       nbeta=nbeta, grid=grid,
+                       traces={"warmup": np.asarray(warmup.llc), "warmup_lr": warmup.sampler.lr})

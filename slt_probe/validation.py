@@ -58,7 +58,8 @@ def run_case(case: ValidationCase, *, num_chains: int, num_draws: int, seed: int
             "relative_error": (result.llc_mean - truth) / truth,
             "healthy": result.diagnostics["healthy"],
             "lr": cal["sampler"]["lr"], "localization": cal["sampler"]["localization"],
-            "num_burnin": result.config["num_burnin"], "num_warmup": result.config["num_warmup"], "warmup_lr": result.config["warmup_lr"], "num_draws": num_draws,
+            "num_warmup": result.config["num_warmup"], "warmup_lr": result.config["warmup_lr"],
+            "num_burnin": result.config["num_burnin"], "num_draws": num_draws,
             "num_chains": num_chains, "mala_acceptance": result.diagnostics["mala_acceptance"],
             "calibration": cal["reason"], "seconds": time.perf_counter() - started}
 
