@@ -12,7 +12,7 @@ from .batching import as_tensors
 from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import ESTIMATORS, LOSS_ON, LLCAccumulator, LLCResult
 from .losses import resolve_loss
-from .samplers import SGLD, Sampler
+from .samplers import SGLD, Sampler, _check_positive
 from .stacked import StackedModel
 
 BACKENDS = ("native", "devinterp")
@@ -62,10 +62,8 @@ class EstimateSettings:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.warmup_lr is not None and not (isinstance(self.warmup_lr, (int, float))
-                                               and math.isfinite(self.warmup_lr)
-                                               and self.warmup_lr > 0):
-            raise ValueError(f"warmup_lr must be a finite number > 0, got {self.warmup_lr!r}")
+        if self.warmup_lr is not None:
+            _check_positive("warmup_lr", self.warmup_lr)
         if self.num_warmup and self.warmup_lr is None:
             raise ValueError("num_warmup > 0 needs warmup_lr (the warm-up's step size)")
         if self.num_warmup and self.backend != "native":

@@ -314,9 +314,9 @@ class _Search:
             if not chains.healthy:
                 self.row(chains, stage)
                 return None, f"chains diverged during the {stage} at ε = {lr:.3g}"
-            drift, drift_sem = relative_gap(chains.second_half(),
-                                            chains.window(steps // 4, steps // 2))
-            if (chains.langevin_time >= min_time and np.mean(chains.second_half()) > 0
+            level = chains.second_half()
+            drift, drift_sem = relative_gap(level, chains.window(steps // 4, steps // 2))
+            if (chains.langevin_time >= min_time and level.mean() > 0
                     and abs(drift) <= grid.tolerance + 2 * drift_sem):
                 self.row(chains, stage, drift=drift, drift_sem=drift_sem)
                 return chains, ""
@@ -328,6 +328,7 @@ class _Search:
         same noise and running the same number of steps, until λ̂ at 2ε and at ε agree
         within ``tolerance``; (row of that ε, "") or (None, why not)."""
         grid = self.grid
+        # Snapshot now: drivers are generators and copy their start only on first use.
         start = relaxed.driver.positions.clone()
         lr = relaxed.sampler.lr
         larger = self.chains(lr, start, seed_offset=1)
