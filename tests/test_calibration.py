@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -83,6 +84,22 @@ def test_calibration_reports_an_exhausted_budget(regular_problem):
     with pytest.raises(RuntimeError, match="budget"):
         calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, grid=grid, batch_size=500,
                   verbose=False)
+
+
+def test_a_localisation_too_weak_to_relax_in_the_budget_is_passed_over(regular_problem):
+    # Relaxing for min_relax_time/γ = 8 at γ = 1 cannot fit 12,000 steps at the warm-up's
+    # ε; at γ = 10 (0.8) it can. The shortfall is foreseen, not spent.
+    p = regular_problem
+    grid = replace(SMALL_GRID, localizations=(1.0, 10.0), min_relax_time=8.0,
+                   max_steps=12_000)
+    cal = calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, grid=grid, batch_size=500,
+                    verbose=False)
+    assert cal.sampler.localization == 10.0
+    assert "γ = 1: the warm-up" in cal.reason and "would need" in cal.reason
+    assert not [r for r in cal.table if r["localization"] == 1.0 and r["stage"] == "warm-up"]
+    warm = next(r for r in cal.table if r["localization"] == 10.0 and r["stage"] == "warm-up")
+    assert warm["langevin_time"] >= 0.8
+    assert cal.num_warmup * cal.warmup_lr == pytest.approx(warm["langevin_time"], rel=0.01)
 
 
 def test_unknown_sampler_name_is_rejected(tiny_classifier):
