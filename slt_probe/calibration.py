@@ -30,9 +30,10 @@ The warm-up's Langevin time, 0.1/γ, is a tenth of the time scale 1/γ on which 
 localisation pulls flat directions back, so those are not fully relaxed, and a relaxed
 λ̂ is not the target either: at n = 50,000 it depends strongly on γ. Deep linear
 58-58-58-58 reads 0.65 λ at γ = 100 and 0.99 λ at γ = 10 (ε = 1.6e-6, ε·t = 1/γ), and
-at γ = 1 is above 1.4 λ and still climbing at ε·t = 0.2 (ε = 3.1e-6); requiring
-ε·t ≥ 1/γ made rrr 5-4-5 (r = 0) read 42 % high at γ = 1
-(``results/benchmarks/relaxation_localisation.txt``). Compare estimates at one γ.
+at γ = 1 is above 1.4 λ and still climbing at ε·t = 0.2 (ε = 3.1e-6); rrr 5-4-5
+(r = 0, ε = 7.8e-6) reads 0.91 λ at γ = 10 and at γ = 1 is at 1.10 λ and still climbing
+at ε·t = 1 (``results/benchmarks/relaxation_localisation.txt``). Compare estimates at
+one γ.
 Not here: the estimate itself.
 """
 from __future__ import annotations
