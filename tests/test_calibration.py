@@ -21,7 +21,9 @@ SMALL_GRID = CalibrationGrid(lrs=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6
                                           ({"bias_tolerance": 1.5}, "bias_tolerance"),
                                           ({"num_chains": 1}, "num_chains"),
                                           ({"level_steps": 2}, "level_steps"),
-                                          ({"max_steps": 10}, "max_steps")])
+                                          ({"max_steps": 10}, "max_steps"),
+                                          ({"target_relative_sem": 0.0}, "target_relative_sem"),
+                                          ({"max_chains": 0}, "max_chains")])
 def test_grid_rejects_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CalibrationGrid(**kwargs)
@@ -77,6 +79,36 @@ def test_calibrate_then_estimate_lands_near_truth(regular_problem, tmp_path):
     assert cal.to_dict()["sampler"]["lr"] == cal.sampler.lr
 
 
+def test_calibration_sets_the_chains_for_a_target_standard_error(regular_problem):
+    # The chosen level's spread across its 4 chains sets the chains for the target; the
+    # estimate with that many chains then reaches about the target (chains are
+    # independent, so the standard error falls as 1/√chains).
+    p = regular_problem
+    grid = replace(SMALL_GRID, target_relative_sem=0.01)
+    cal = calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, grid=grid, batch_size=500,
+                    verbose=False)
+    chosen = next(r for r in cal.table if r["chosen"])
+    level_sem = chosen["llc_sem"] / chosen["llc_mean"]
+    chains = cal.chains_for(cal.measured_draws)
+    assert chains == math.ceil(4 * (level_sem / 0.01) ** 2) > 4
+    assert cal.chains_for(cal.measured_draws // 2) == pytest.approx(2 * chains, abs=1)
+    assert cal.chains_for(100 * cal.measured_draws) == chains  # draws beyond the level's
+    assert replace(cal, grid=replace(grid, max_chains=3)).chains_for(10) == 3
+    settings = cal.apply(EstimateSettings(sampler=slt_probe.SGLD(), num_chains=2,
+                                          num_draws=cal.measured_draws, batch_size=500))
+    assert settings.num_chains == chains
+    assert cal.apply(replace(settings, num_chains=chains + 5)).num_chains == chains + 5
+    result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler=cal.sampler,
+                          num_chains=chains, num_draws=cal.measured_draws,
+                          num_burnin=cal.num_burnin, warmup_lr=cal.warmup_lr,
+                          num_warmup=cal.num_warmup, batch_size=500, seed=1, verbose=False)
+    assert 0.005 < result.llc_sem / result.llc_mean < 0.02
+    assert result.llc_mean == pytest.approx(5.0, rel=0.08)
+    no_target = calibrate(p.model, (p.x, p.y), loss_fn=p.loss_fn, batch_size=500,
+                          grid=replace(SMALL_GRID, target_relative_sem=None), verbose=False)
+    assert no_target.chains_for(1000) == 0 and "standard error" not in no_target.reason
+
+
 def test_calibration_reports_an_exhausted_budget(regular_problem):
     p = regular_problem
     grid = CalibrationGrid(lrs=(1e-3, 1e-4), localizations=(1.0, 10.0), num_chains=2,
@@ -107,6 +139,9 @@ def test_unknown_sampler_name_is_rejected(tiny_classifier):
     with pytest.raises(ValueError, match="'auto'"):
         estimate_llc(model, (x, y), sampler="automatic", num_chains=2, num_draws=5,
                      verbose=False)
+    with pytest.raises(ValueError, match="calibration_grid"):
+        estimate_llc(model, (x, y), sampler=slt_probe.SGLD(), calibration_grid=SMALL_GRID,
+                     num_chains=2, num_draws=5, verbose=False)
 
 
 def test_auto_sampler_on_regular_model(regular_problem):
@@ -119,6 +154,9 @@ def test_auto_sampler_on_regular_model(regular_problem):
     assert result.config["num_warmup"] == cal["num_warmup"] > 0
     assert result.config["warmup_lr"] == cal["warmup_lr"] > cal["sampler"]["lr"]
     assert len(cal["table"]) >= 3 and cal["reason"]
+    # Chains are raised to what the 3 % standard-error target needs.
+    needed = math.ceil(cal["chain_draws_for_target"] / min(500, cal["measured_draws"]))
+    assert result.config["num_chains"] == len(result.llc_per_chain) == max(4, min(256, needed))
     assert result.llc_mean == pytest.approx(5.0, rel=0.10)
 
 
@@ -150,13 +188,16 @@ def test_probe_calibrates_once_and_holds_the_sampler(regular_problem, tmp_path):
 
 def test_validation_report_marks_misses(tmp_path):
     rows = [{"case": "a", "d": 2, "true_lambda": 1.0, "true_lambda_exact": "1",
-             "llc_mean": 1.05, "llc_std": 0.1, "relative_error": 0.05, "healthy": True,
-             "lr": 1e-4, "localization": 1.0, "seconds": 3.0},
+             "llc_mean": 1.05, "llc_std": 0.1, "llc_sem": 0.02, "relative_error": 0.05,
+             "healthy": True, "lr": 1e-4, "localization": 1.0, "seconds": 3.0,
+             "num_chains": 8, "num_draws": 2000},
             {"case": "b", "d": 4, "true_lambda": 2.0, "true_lambda_exact": "2",
-             "llc_mean": 1.5, "llc_std": 0.1, "relative_error": -0.25, "healthy": False,
-             "lr": 1e-5, "localization": 1.0, "seconds": 3.0}]
+             "llc_mean": 1.5, "llc_std": 0.1, "llc_sem": 0.05, "relative_error": -0.25,
+             "healthy": False, "lr": 1e-5, "localization": 1.0, "seconds": 3.0,
+             "num_chains": 40, "num_draws": 2000}]
     text = markdown(rows, "slt-probe validate")
-    assert "-25.0% ✗" in text and "+5.0% |" in text and "1 of 2 cases within 10%" in text
+    assert "-25.0% ± 2.5% ✗" in text and "+5.0% ± 2.0% |" in text
+    assert "| 40 |" in text and "1 of 2 cases within 10%" in text
     scatter(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
 
