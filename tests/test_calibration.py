@@ -190,12 +190,13 @@ def test_validation_report_marks_misses(tmp_path):
     rows = [{"case": "a", "d": 2, "true_lambda": 1.0, "true_lambda_exact": "1",
              "llc_mean": 1.05, "llc_std": 0.1, "llc_sem": 0.02, "relative_error": 0.05,
              "healthy": True, "lr": 1e-4, "localization": 1.0, "seconds": 3.0,
-             "num_chains": 8, "num_draws": 2000},
+             "num_chains": 8, "num_draws": 2000, "expected_llc": 0.9},
             {"case": "b", "d": 4, "true_lambda": 2.0, "true_lambda_exact": "2",
              "llc_mean": 1.5, "llc_std": 0.1, "llc_sem": 0.05, "relative_error": -0.25,
              "healthy": False, "lr": 1e-5, "localization": 1.0, "seconds": 3.0,
-             "num_chains": 40, "num_draws": 2000}]
+             "num_chains": 40, "num_draws": 2000, "expected_llc": None}]
     text = markdown(rows, "slt-probe validate")
+    assert "| 0.9 (λ̂ +16.7%) |" in text and "| 2 | — |" in text
     assert "-25.0% ± 2.5% ✗" in text and "+5.0% ± 2.0% |" in text
     assert "| 40 |" in text and "1 of 2 cases within 10%" in text
     scatter(rows, tmp_path / "s.png")
