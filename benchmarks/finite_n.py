@@ -21,8 +21,6 @@ BATCH_SIZE = 500
 
 
 def _run(problem, *, lr: float, localization: float, langevin_time: float, chains: int) -> None:
-    nbeta = default_nbeta(len(problem.x))
-    expected = problem.expected_llc(nbeta=nbeta, localization=localization)
     truth = float(problem.true_lambda)
     steps = round(langevin_time / lr)
     started = time.perf_counter()
@@ -32,6 +30,7 @@ def _run(problem, *, lr: float, localization: float, langevin_time: float, chain
                               sampler=SGLD(lr=lr, localization=localization),
                               num_chains=chains, num_draws=steps, num_burnin=steps,
                               batch_size=BATCH_SIZE, seed=0, verbose=False)
+    expected = problem.expected_llc(nbeta=result.config["nbeta"], localization=localization)
     print(f"{problem.name:20s} γ = {localization:<8.4g} λ = {truth:<7.4g} "
           f"exact E[λ̂] = {expected:<7.4f} ({expected / truth - 1:+.1%} of λ)  "
           f"ε = {lr:<7.2g} {chains} chains × {steps} draws ({steps} burn-in)  "

@@ -5,8 +5,8 @@ the Gaussian negative log-likelihood (``"gaussian_nll"``), under which λ is sta
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -61,8 +61,11 @@ class KnownProblem:
         if nbeta <= 0 or localization < 0:
             raise ValueError(f"expected_llc needs nbeta > 0 and localization >= 0, got "
                              f"{nbeta}, {localization}")
-        x, y = self.x.double(), self.y.double()
         if isinstance(self.model, Monomial):
+            if localization == 0:
+                raise ValueError("expected_llc of a monomial needs localization > 0: without "
+                                 "it the posterior along the flat axes is improper")
+            x, y = self.x.double(), self.y.double()
             w_star = self.model.w.detach().double().tolist()
             return _monomial_expected_llc(self.model.a, self.model.b, w_star,
                                           sxx=float((x * x).mean()), sxy=float((x * y).mean()),
@@ -70,6 +73,7 @@ class KnownProblem:
         if isinstance(self.model, nn.Linear) and self.model.bias is None:
             # L_n(w) − L_n(ŵ) = ½ (w − ŵ)ᵀ H (w − ŵ) per output, H = xᵀx / n: a Gaussian
             # posterior, E[nβ ΔL] = ½ Σ nβ h / (nβ h + γ) over H's eigenvalues h, per output.
+            x = self.x.double()
             h = torch.linalg.eigvalsh(x.T @ x / len(x))
             per_output = float((0.5 * nbeta * h / (nbeta * h + localization)).sum())
             return per_output * self.model.out_features
@@ -98,7 +102,7 @@ def _monomial_expected_llc(a: int, b: int, w_star: list[float], *, sxx: float, s
     """
     import numpy as np
 
-    reach = max(abs(w_star[0]), abs(w_star[1])) + 10.0 / math.sqrt(max(localization, 1e-2))
+    reach = max(abs(w_star[0]), abs(w_star[1])) + 10.0 / math.sqrt(localization)
     finest = 1e-6
     u = np.linspace(-1.0, 1.0, grid_points)
     axis = np.sinh(u * np.arcsinh(reach / finest)) * finest

@@ -61,6 +61,8 @@ def test_expectation_is_none_where_no_closed_form_exists_and_bad_input_is_named(
     assert problem.expected_llc(nbeta=100.0, localization=1.0) is None
     with pytest.raises(ValueError, match="nbeta"):
         km.monomial(1, 2, 1000).expected_llc(nbeta=0.0, localization=1.0)
+    with pytest.raises(ValueError, match="improper"):
+        km.monomial(1, 2, 1000).expected_llc(nbeta=100.0, localization=0.0)
 
 
 def test_sampler_follows_the_finite_n_expectation_where_it_departs_from_lambda():
