@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--out results/accuracy]
 
-Runs every case in ``slt_probe.known_models.CASES`` with its stated settings (seed 0)
+Runs every case in ``slt_probe.ground_truth.problems.CASES`` with its stated settings (seed 0)
 under both estimators, then sweeps ε on the regular d=20 model. Writes accuracy.md,
 accuracy.csv and step_bias.csv.
 """
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe import known_models as km
+from slt_probe.ground_truth import problems as km
 
 
 def run_case(case, estimator, lr=None, seed=0):
@@ -89,7 +89,7 @@ def main(argv=None):
             for lr in (3e-6, 1e-5, 3e-5, 1e-4, 3e-4)]
     write_csv(out / "step_bias.csv", bias)
     lines = ["Measured with `python benchmarks/accuracy.py` (seed 0; settings per case in "
-             "`slt_probe.known_models.CASES`, γ = 1, batch 500).", "",
+             "`slt_probe.ground_truth.problems.CASES`, γ = 1, batch 500).", "",
              "| case | d | true λ | estimator | ε | chains × draws (burn-in) | λ̂ ± std | "
              "s.e. | rel. error | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

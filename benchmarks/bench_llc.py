@@ -129,11 +129,12 @@ def bench_model(name, model, x, y, sampler, repeats):
     plain, t_plain = best_of(lambda: estimate_llc(model, (x, y), estimator="plain", **common))
     cv, t_cv = best_of(lambda: estimate_llc(model, (x, y), **common))
     # Compiled: the first estimate pays the compile; a trajectory reuses the compiled step.
-    from slt_probe.api import EstimateSettings, run_estimate
+    from slt_probe.settings import EstimateSettings
+    from slt_probe.engine import run_estimate
     from slt_probe.losses import resolve_loss
-    from slt_probe.stacked import StackedModel
+    from slt_probe.batched_model import BatchedModel
 
-    stacked = StackedModel(model, resolve_loss("cross_entropy"), compile=True)
+    stacked = BatchedModel(model, resolve_loss("cross_entropy"), compile=True)
     settings = EstimateSettings(sampler=sampler, num_chains=CHAINS, num_draws=DRAWS,
                                 batch_size=BATCH)
     w = stacked.flatten(model)

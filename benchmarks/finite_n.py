@@ -14,8 +14,9 @@ import argparse
 import time
 import warnings
 
-from slt_probe import SGLD, estimate_llc, known_models
-from slt_probe.api import default_nbeta
+from slt_probe import SGLD, estimate_llc
+from slt_probe.ground_truth import problems as known_models
+from slt_probe.settings import default_nbeta
 
 BATCH_SIZE = 500
 

@@ -20,7 +20,8 @@ import warnings
 
 import numpy as np
 
-from slt_probe import SGLD, estimate_llc, known_models
+from slt_probe import SGLD, estimate_llc
+from slt_probe.ground_truth import problems as known_models
 
 BATCH_SIZE = 500
 

@@ -54,7 +54,7 @@ def main(argv=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0 or step in probe.steps:
+        if step % 50 == 0 or step in probe.scheduled_steps:
             with torch.no_grad():
                 test_acc = (model(x_test).argmax(1) == y_test).float().mean()
             probe.log(step, train_loss=loss.item(), test_acc=test_acc.item())  # <- added

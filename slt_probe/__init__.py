@@ -1,14 +1,20 @@
-"""slt_probe: the local learning coefficient (effective parameter count) of a network, fast."""
-from .api import EstimateSettings, default_nbeta, estimate_llc
+"""slt_probe: the local learning coefficient (effective parameter count) of a network."""
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import estimate_llc
 from .calibration import Calibration, CalibrationGrid, calibrate
-from .estimator import LLCResult, llc_from_losses
-from .probe import LLCProbe, llc_trajectory, log_spaced_steps, read_rows
-from .reports import plot_trace, plot_trajectory
-from .samplers import SGLD, SGNHT, RMSPropSGLD, Sampler
+from .estimator import LLCAccumulator, LLCResult, llc_from_losses
+from .probe import LLCProbe, llc_trajectory, log_spaced_steps
+from .reports import plot_calibration, plot_trace, plot_trajectory
+from .samplers import SGLD, SGNHT, RMSPropSGLD, Sampler, SamplerState
+from .settings import EstimateSettings, default_nbeta
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("slt-probe")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
-__all__ = ["estimate_llc", "EstimateSettings", "default_nbeta", "LLCResult", "llc_from_losses",
-           "SGLD", "RMSPropSGLD", "SGNHT", "Sampler", "LLCProbe", "llc_trajectory",
-           "log_spaced_steps", "read_rows", "plot_trajectory", "plot_trace", "calibrate",
-           "Calibration", "CalibrationGrid", "__version__"]
+__all__ = ["estimate_llc", "EstimateSettings", "default_nbeta", "LLCResult", "LLCAccumulator",
+           "llc_from_losses", "SGLD", "RMSPropSGLD", "SGNHT", "Sampler", "SamplerState",
+           "LLCProbe", "llc_trajectory", "log_spaced_steps", "plot_trajectory", "plot_trace",
+           "plot_calibration", "calibrate", "Calibration", "CalibrationGrid", "__version__"]

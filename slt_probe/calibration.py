@@ -47,13 +47,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .api import EstimateSettings, default_nbeta
-from .batching import as_tensors
+from .batched_model import BatchedModel
+from .data import as_tensors
 from .driver import ChainDriver
 from .estimator import llc_from_losses
 from .losses import resolve_loss
 from .samplers import SGLD
-from .stacked import StackedModel
+from .settings import EstimateSettings, default_nbeta, resolve_settings
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
 DEFAULT_LOCALIZATIONS = (1.0, 10.0, 100.0)
@@ -234,7 +234,8 @@ class Calibration:
     def apply(self, settings: EstimateSettings) -> EstimateSettings:
         """``settings`` with this sampler, warm-up and (at least this) burn-in, and at least
         the chains that reach the target standard error with its number of draws."""
-        return replace(settings, sampler=self.sampler, warmup_lr=self.warmup_lr,
+        return replace(settings, sampler=self.sampler, calibration_grid=None,
+                       warmup_lr=self.warmup_lr,
                        num_warmup=self.num_warmup,
                        num_burnin=max(settings.num_burnin, self.num_burnin),
                        num_chains=max(settings.num_chains, self.chains_for(settings.num_draws)))
@@ -247,47 +248,6 @@ class Calibration:
                 "reason": self.reason, "nbeta": self.nbeta, "grid": asdict(self.grid),
                 "table": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                            for k, v in row.items()} for row in self.table]}
-
-    def plot(self, path=None):
-        """Left: the warm-up's λ̂ against Langevin time. Right: λ̂ of the ladder levels
-        against ε (the chosen one circled) with their MALA acceptance."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-        warm, warm_lr = self.traces.get("warmup"), self.traces.get("warmup_lr", math.nan)
-        if warm is not None and len(warm):
-            mean = np.nanmean(warm, axis=1)
-            width = max(1, len(mean) // 200)
-            smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
-            left.plot(warm_lr * (np.arange(len(smooth)) + width), smooth)
-        left.set_xscale("log")
-        left.set_xlabel("Langevin time ε·t")
-        left.set_ylabel("λ̂ (chain mean)")
-        left.set_title(f"calibration warm-up at ε = {warm_lr:.3g}, γ = "
-                       f"{self.sampler.localization:g}")
-        rows = [r for r in self.table if r["stage"] == "ladder"
-                and r["localization"] == self.sampler.localization]
-        right.errorbar([r["lr"] for r in rows], [r["llc_mean"] for r in rows],
-                       yerr=[2 * r["llc_sem"] for r in rows], fmt="o-", capsize=2,
-                       label="λ̂ from the relaxed positions (± 2 s.e.)")
-        right.scatter([self.sampler.lr], [next(r["llc_mean"] for r in rows if r["chosen"])],
-                      s=160, facecolors="none", edgecolors="r", zorder=4, label="chosen")
-        right.set_xscale("log")
-        right.set_xlabel("SGLD step ε")
-        right.set_ylabel("λ̂")
-        twin = right.twinx()
-        twin.plot([r["lr"] for r in rows], [r["mala_acceptance"] for r in rows], "g.--", lw=1)
-        twin.set_ylabel("MALA acceptance", color="g")
-        twin.set_ylim(0, 1.05)
-        right.legend(fontsize=8)
-        right.set_title(f"step-bias ladder (nβ = {self.nbeta:.3g})")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
 
 
 class _Search:
@@ -475,24 +435,29 @@ class _Search:
                "chains"))
 
 
-def calibrate(model, data, *, loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
-              nbeta: float | None = None, batch_size: int = 128, seed: int = 0,
-              estimator: str = "control_variate", restrict_to=None, verbose: bool = True,
-              stacked: StackedModel | None = None) -> Calibration:
+def calibrate(model, data, settings: EstimateSettings | None = None, *,
+              loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
+              verbose: bool = True, batched: BatchedModel | None = None,
+              **overrides) -> Calibration:
     """Choose ε, γ, the warm-up and the burn-in for SGLD at the model's weights (see the
     module docstring). ``Calibration.apply(settings)`` puts the choice into
     ``EstimateSettings``; ``estimate_llc(sampler="auto")`` and ``LLCProbe`` do so.
 
+    ``settings`` supplies the batch size, seed, estimator and weight restriction
+    (default ``EstimateSettings()``); ``grid`` defaults to ``settings.calibration_grid``.
     The model, its gradients and the global RNG are untouched (as for ``estimate_llc``).
     """
-    grid = grid or CalibrationGrid()
+    settings = resolve_settings(settings, overrides)
+    grid = grid or settings.calibration_grid or CalibrationGrid()
     x, y = as_tensors(data)
-    stacked = stacked or StackedModel(model, resolve_loss(loss_fn))
+    stacked = batched or BatchedModel(model, resolve_loss(loss_fn))
     x, y = x.to(stacked.device), y.to(stacked.device)
-    w_star = stacked.load_state(model.state_dict())
+    w_star = stacked.load_point(model.state_dict())
     star_losses = stacked.per_example_losses(w_star, x, y)
-    mask = stacked.mask_for(restrict_to)
-    nbeta = nbeta if nbeta is not None else default_nbeta(len(x))
+    mask = stacked.layout.mask(settings.restrict_to)
+    nbeta = (settings.sampler.nbeta if not settings.auto and settings.sampler.nbeta is not None
+             else default_nbeta(len(x)))
+    batch_size, seed, estimator = settings.batch_size, settings.seed, settings.estimator
 
     def make_driver(lr: float, gamma: float, seed_offset: int) -> ChainDriver:
         generator = torch.Generator(device=stacked.device).manual_seed(seed * 1000 + seed_offset)

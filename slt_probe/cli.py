@@ -8,13 +8,19 @@ import sys
 import time
 from pathlib import Path
 
-from . import known_models
 from .api import estimate_llc
+from .experiments.compare import run_comparison
+from .experiments.grokking import run_grokking
+from .experiments.presets import SETUPS
+from .experiments.summary import report
+from .ground_truth import problems
+from .ground_truth.validate import validate
+from .models import ACTIVATION_NAMES
 from .samplers import SGLD
 
 
 def _estimate(args) -> int:
-    case = known_models.CASES[args.case]
+    case = problems.CASES[args.case]
     problem = case.make().settle()
     started = time.perf_counter()
     result = estimate_llc(
@@ -51,16 +57,12 @@ def _estimate(args) -> int:
 
 
 def _validate(args) -> int:
-    from .validation import validate
-
     command = " ".join(["slt-probe", *sys.argv[1:]]) if sys.argv[1:] else "slt-probe validate"
     validate(quick=args.quick, out=args.out, command=command, verbose=True)
     return 0
 
 
 def _grokking(args) -> int:
-    from .experiments.grokking import run_grokking
-
     out = args.out or f"results/grokking/{args.setup}{'-quick' if args.quick else ''}"
     command = " ".join(["slt-probe", *sys.argv[1:]])
     summary = run_grokking(args.setup, activation_name=args.activation, seed=args.seed,
@@ -76,8 +78,6 @@ def _grokking(args) -> int:
 
 
 def _compare(args) -> int:
-    from .experiments.compare import run_comparison
-
     activations = [a.strip() for a in args.activations.split(",") if a.strip()]
     out = args.out or f"results/compare/{args.setup}{'-quick' if args.quick else ''}"
     command = " ".join(["slt-probe", *sys.argv[1:]])
@@ -92,8 +92,6 @@ def _compare(args) -> int:
 
 
 def _grokking_report(args) -> int:
-    from .experiments.grokking import report
-
     table = report(args.root, replot=args.replot)
     path = Path(args.root) / "README.md"
     path.write_text("# Grokking runs\n\nRegenerate this table: `slt-probe grokking-report "
@@ -108,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "coefficient (effective parameter count) estimates.")
     sub = parser.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="estimate λ̂ on a bundled problem with known λ")
-    est.add_argument("--case", choices=sorted(known_models.CASES), default="rrr-5-4-5-r0")
+    est.add_argument("--case", choices=sorted(problems.CASES), default="rrr-5-4-5-r0")
     est.add_argument("--lr", type=float, default=None, help="SGLD step (default: the case's)")
     est.add_argument("--chains", type=int, default=None)
     est.add_argument("--draws", type=int, default=None)
@@ -125,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out", default="results/validation")
     val.set_defaults(run=_validate)
     grok = sub.add_parser("grokking", help="train a bundled grokking setup with the probe")
-    from .experiments.grokking import SETUPS
-    from .models import ACTIVATION_NAMES
     grok.add_argument("--setup", choices=SETUPS, required=True)
     grok.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
                       help="default: the setup's published one (GELU for modadd-mlp, else ReLU)")

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batching import MinibatchStream
+from .batched_model import BatchedModel
+from .data import MinibatchStream
 from .estimator import DrawRecord
-from .samplers import SGLD, Sampler
-from .stacked import StackedModel
+from .samplers import Sampler
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
 DIVERGENCE_FACTOR = 1000.0
@@ -27,11 +27,11 @@ MALA_SAMPLES = 10
 
 
 class ChainDriver:
-    def __init__(self, stacked: StackedModel, x: Tensor, y: Tensor, *, sampler: Sampler,
+    def __init__(self, model: BatchedModel, x: Tensor, y: Tensor, *, sampler: Sampler,
                  nbeta: float, w_star: Tensor, star_losses: Tensor, mask: Tensor | None,
                  num_chains: int, batch_size: int, estimator: str, loss_on: str,
                  generator: torch.Generator):
-        self.stacked = stacked
+        self.model = model
         self.x, self.y = x, y
         self.sampler = sampler
         self.nbeta = nbeta
@@ -44,7 +44,7 @@ class ChainDriver:
         self.estimator = estimator
         self.loss_on = loss_on
         self.generator = generator
-        active = int(mask.sum()) if mask is not None else stacked.dim
+        active = int(mask.sum()) if mask is not None else model.dim
         self.divergence_threshold = DIVERGENCE_FACTOR * max(active, 1)
         self.diverged = np.zeros(num_chains, dtype=bool)
         self.diverged_at: list[int | None] = [None] * num_chains
@@ -60,7 +60,7 @@ class ChainDriver:
         the fast directions settle to it. ``start`` (chains × d) replaces w* as the first
         position. ``self.positions`` always holds the chains' current positions.
         """
-        chains, device = self.num_chains, self.stacked.device
+        chains, device = self.num_chains, self.model.device
         if num_warmup and warmup_sampler is None:
             raise ValueError("num_warmup > 0 needs a warmup_sampler")
         stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
@@ -73,7 +73,7 @@ class ChainDriver:
         noise = torch.empty_like(state.w)
         num_burnin = num_warmup + num_burnin
         total = num_burnin + num_draws
-        track_mala = isinstance(self.sampler, SGLD) and type(self.sampler).step is SGLD.step
+        track_mala = self.sampler.has_proposal_density
         mala_every = max(1, num_draws // max(mala_samples, 1))
         pending = None  # (w_t, ‖ξ_t‖²) of a step whose proposal is judged at the next step
         with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
@@ -81,7 +81,7 @@ class ChainDriver:
             for step in range(total):
                 idx = stream.next()
                 xb, yb = self.x[idx], self.y[idx]
-                losses, grads = self.stacked.loss_and_grad(state.w, xb, yb)
+                losses, grads = self.model.loss_and_grad(state.w, xb, yb)
                 losses = losses.detach()
                 if self.mask is not None:
                     grads.mul_(self.mask)
@@ -91,7 +91,7 @@ class ChainDriver:
                     reference = torch.full_like(losses, self.init_loss, dtype=torch.float64)
                 recorded = losses
                 if self.loss_on == "full" and step >= num_burnin:
-                    recorded = self.stacked.full_losses(state.w, self.x, self.y)
+                    recorded = self.model.full_losses(state.w, self.x, self.y)
                     reference = torch.full_like(recorded, self.init_loss)
                 self._catch_divergence(step, losses, grads, reference, state)
                 if self.diverged.all():
@@ -116,28 +116,16 @@ class ChainDriver:
 
     def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,
                          xb: Tensor, yb: Tensor) -> np.ndarray:
-        """Metropolis–Hastings acceptance probability of the SGLD proposal w_t → w_{t+1}
-        on the potential U = nβ·L + γ/2‖w − w*‖², computed but never used to reject.
+        """Metropolis–Hastings acceptance probability of the proposal w_t → w_{t+1},
+        computed by the sampler from its own proposal density, never used to reject.
 
         Both energies are read on the same minibatch (one extra forward at w_t), so the
         batch-to-batch noise of L does not masquerade as a rejection.
         """
         w_old, noise_sq = pending
-        lr, gamma, nbeta = self.sampler.lr, self.sampler.localization, self.nbeta
-        loss_old = self.stacked.losses(w_old, xb, yb).double()
-        delta_u = nbeta * (losses.double() - loss_old)
-        u_new = w_new - self.w_star
-        step = w_old - w_new
-        if gamma:
-            # ‖u_new‖² − ‖u_old‖² = −⟨w_old − w_new, u_new + u_old⟩: no cancellation.
-            u_pair = u_new.mul(2.0).add_(step)
-            delta_u -= 0.5 * gamma * torch.linalg.vecdot(step, u_pair, dim=1).double()
-        # w_t − w_{t+1} + ε/2·∇U(w_{t+1}), built in place on ``step``.
-        reverse = step.add_(grads, alpha=0.5 * lr * nbeta)
-        if gamma:
-            reverse.add_(u_new, alpha=0.5 * lr * gamma)
-        reverse_sq = torch.linalg.vecdot(reverse, reverse, dim=1).double()
-        log_alpha = -delta_u - reverse_sq / (2 * lr) + 0.5 * noise_sq
+        loss_change = losses.double() - self.model.losses(w_old, xb, yb).double()
+        log_alpha = self.sampler.log_acceptance(w_old, w_new, noise_sq, grads, loss_change,
+                                                w_star=self.w_star, nbeta=self.nbeta)
         accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()
         return np.where(self.diverged, np.nan, accept)
 

@@ -1,23 +1,18 @@
-"""``LLCProbe``: log λ̂ (and the effective parameter count 2λ̂) while a model trains.
+"""``LLCProbe``: log λ̂ (and the effective parameter count 2λ̂) while a model trains;
+``llc_trajectory``: the same over saved checkpoints.
 
 One object, one call site: ``probe.attach(optimizer)`` registers a step post-hook that
 estimates on a schedule and leaves training bit-identical (global RNG streams, the
 model's parameters, gradients and train/eval mode are restored around every estimate).
 Rows go to ``log_dir/llc.csv`` as soon as they exist; a probe re-created on the same
-``log_dir`` resumes without duplicating steps. ``llc_trajectory`` does the same over saved
-checkpoints. Not here: the estimator itself (``api``), plotting (``reports``).
+``log_dir`` resumes without duplicating steps. Not here: the estimator (``engine``), the
+files (``run_log``), plotting (``reports``).
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
-import platform
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,20 +21,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import EstimateSettings, run_estimate
-from .batching import as_tensors
+from .batched_model import BatchedModel
+from .calibration import Calibration, calibrate
+from .data import as_tensors
+from .engine import run_estimate
 from .losses import resolve_loss
-from .samplers import SGLD, Sampler
-from .stacked import StackedModel
-
-CSV_NAME = "llc.csv"
-MANIFEST_NAME = "manifest.json"
-LLC_COLUMNS = ["step", "llc_mean", "llc_std", "llc_sem", "effective_params", "init_loss",
-               "nbeta", "healthy", "rhat", "ess", "num_diverged", "seconds"]
+from .run_log import (LLC_COLUMNS, TrajectoryLog, preserved_state, row_from_result,
+                      versions)
+from .settings import EstimateSettings, resolve_settings
 
 
 def log_spaced_steps(last_step: int, num: int = 40, first_step: int = 1) -> list[int]:
-    """About ``num`` distinct integer steps spaced evenly in log(step), from first to last."""
+    """About ``num`` distinct integer steps spaced evenly in log(step), from first to last.
+
+    >>> log_spaced_steps(1000, num=4)
+    [1, 10, 100, 1000]
+    """
     if last_step < first_step or first_step < 1 or num < 1:
         raise ValueError(f"need 1 <= first_step <= last_step and num >= 1; got "
                          f"first_step={first_step}, last_step={last_step}, num={num}")
@@ -47,126 +44,41 @@ def log_spaced_steps(last_step: int, num: int = 40, first_step: int = 1) -> list
     return sorted({int(round(s)) for s in grid})
 
 
-@contextmanager
-def preserved_state(model: nn.Module):
-    """Restore global RNG streams, the model's parameters, grads and modes on exit."""
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    modes = [m.training for m in model.modules()]
-    params = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
-              for p in model.parameters()]
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
-        with torch.no_grad():
-            for p, value, grad in params:
-                if not torch.equal(p, value):
-                    p.copy_(value)
-                if grad is None:
-                    p.grad = None
-                elif p.grad is None or not torch.equal(p.grad, grad):
-                    p.grad = grad
-
-
-class TrajectoryLog:
-    """Rows keyed by step, rewritten atomically to CSV on ``flush`` (after every estimate;
-    metrics logged between estimates are written with the next one or on detach)."""
-
-    def __init__(self, log_dir: str | Path | None, manifest: dict):
-        self.rows: dict[int, dict] = {}
-        self.path = None
-        if log_dir is None:
-            return
-        log_dir = Path(log_dir)
-        if log_dir.exists() and not log_dir.is_dir():
-            raise ValueError(f"log_dir {log_dir} exists and is a file, not a directory")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.path = log_dir / CSV_NAME
-        if self.path.exists():
-            for row in read_rows(self.path):
-                self.rows[int(row["step"])] = row
-        manifest_path = log_dir / MANIFEST_NAME
-        if manifest_path.exists():
-            previous = json.loads(manifest_path.read_text())
-            previous.setdefault("resumed_at", []).append(manifest["started_at"])
-            manifest = previous
-        manifest_path.write_text(json.dumps(manifest, indent=1))
-
-    def has_llc(self, step: int) -> bool:
-        value = self.rows.get(step, {}).get("llc_mean")
-        return value is not None and value != ""
-
-    def update(self, step: int, values: Mapping, *, flush: bool = True) -> dict:
-        row = self.rows.setdefault(step, {"step": step})
-        row.update(values)
-        if flush:
-            self.flush()
-        return row
-
-    def history(self) -> list[dict]:
-        return [self.rows[s] for s in sorted(self.rows)]
-
-    def flush(self) -> None:
-        if self.path is None:
-            return
-        rows = self.history()
-        columns = list(LLC_COLUMNS)
-        for row in rows:
-            columns += [k for k in row if k not in columns]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of an llc.csv with numbers parsed (empty cells become None)."""
-    def parse(value: str):
-        if value == "":
-            return None
-        if value in ("True", "False"):
-            return value == "True"
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return int(number) if number.is_integer() and "." not in value and "e" not in value else number
-
-    with open(path, newline="") as fh:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def _versions() -> dict:
-    from . import __version__
-    return {"slt_probe": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
 class LLCProbe:
-    """Estimate λ̂ of ``model`` on ``data`` every ``every`` optimizer steps (and/or at ``steps``).
+    """Estimate λ̂ of ``model`` on ``data`` every ``every`` optimizer steps (and/or at
+    ``steps``).
+
+    Args:
+        model: the model being trained.
+        data: the training data: a DataLoader, a map-style Dataset or a tuple ``(x, y)``.
+        settings: an ``EstimateSettings``; keyword ``**overrides`` replace its fields.
+        loss_fn: as for ``estimate_llc``.
+        every: estimate after every ``every``-th optimizer step (None: only ``steps``).
+        steps: further steps to estimate at (e.g. ``log_spaced_steps(10_000)``).
+        log_dir: folder for ``llc.csv`` and ``manifest.json`` (None: keep rows in memory).
+        at_start: estimate at step 0 (when attached).
+        verbose: progress bars.
 
     Every estimate uses the same sampler and seed, so differences along the trajectory
     are not blurred by fresh sampling noise (common random numbers).
+
+    >>> import torch, slt_probe
+    >>> net = torch.nn.Linear(2, 2)
+    >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> probe = slt_probe.LLCProbe(net, (x, y), every=2, num_draws=5, num_chains=2,
+    ...                            verbose=False).attach(opt)
+    >>> for _ in range(4):
+    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(net(x), y).backward(); opt.step()
+    >>> probe.detach()
+    >>> [row["step"] for row in probe.history]
+    [0, 2, 4]
     """
 
-    def __init__(self, model: nn.Module, data, *, loss_fn="cross_entropy",
-                 every: int | None = 200, steps: Iterable[int] | None = None,
-                 sampler: Sampler | str | None = None, num_chains: int = 4,
-                 num_draws: int = 200, num_burnin: int = 0, batch_size: int = 128,
-                 seed: int = 0, estimator: str = "control_variate", restrict_to=None,
-                 log_dir: str | Path | None = None, at_start: bool = True,
-                 compile: bool = False, verbose: bool = True):
+    def __init__(self, model: nn.Module, data, settings: EstimateSettings | None = None, *,
+                 loss_fn="cross_entropy", every: int | None = 200,
+                 steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
+                 at_start: bool = True, verbose: bool = True, **overrides):
         if data is None:
             raise ValueError("data is required: the probe estimates λ̂ on the training data")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)
@@ -176,74 +88,62 @@ class LLCProbe:
             raise ValueError("give every=N, steps=[...], or both")
         self.model = model
         self.every = every
-        self.steps = set(int(s) for s in steps) if steps is not None else set()
-        if any(s < 0 for s in self.steps):
+        self.scheduled_steps = set(int(s) for s in steps) if steps is not None else set()
+        if any(s < 0 for s in self.scheduled_steps):
             raise ValueError("steps must be >= 0")
         self.at_start = at_start
         self.verbose = verbose
-        self.restrict_to = restrict_to
-        if isinstance(sampler, str) and sampler != "auto":
-            raise ValueError(f"sampler must be a slt_probe sampler or 'auto', got {sampler!r}")
-        # "auto": calibrate once, at the first estimate, then hold the sampler fixed.
-        self._needs_calibration = sampler == "auto"
-        self.calibration = None
-        self.settings = EstimateSettings(sampler=SGLD() if sampler in (None, "auto") else sampler,
-                                         num_chains=num_chains, num_draws=num_draws,
-                                         num_burnin=num_burnin, batch_size=batch_size,
-                                         seed=seed, estimator=estimator)
+        self.settings = resolve_settings(settings, overrides)
+        self.calibration: Calibration | None = None
         self.x, self.y = as_tensors(data)
-        self.stacked = StackedModel(model, resolve_loss(loss_fn), compile=compile)
+        self.loss_fn = loss_fn
+        self.batched = BatchedModel(model, resolve_loss(loss_fn), compile=self.settings.compile)
         self.step_count = 0
         self.probe_seconds = 0.0
         self._attached_at: float | None = None
         self._handle = None
         manifest = {"started_at": datetime.now(timezone.utc).isoformat(),
-                    "settings": self.settings.to_dict(), "loss_fn": self.stacked.loss.name,
-                    "every": every, "steps": sorted(self.steps), "num_examples": len(self.x),
-                    "num_params": self.stacked.dim, "versions": _versions()}
-        self.log_file = TrajectoryLog(log_dir, manifest)
+                    "settings": self.settings.to_dict(), "loss_fn": self.batched.loss.name,
+                    "every": every, "steps": sorted(self.scheduled_steps),
+                    "num_examples": len(self.x), "num_params": self.batched.dim,
+                    "versions": versions()}
+        self._log = TrajectoryLog(log_dir, manifest)
         self.log_dir = Path(log_dir) if log_dir is not None else None
 
-    def use_calibration(self, calibration) -> None:
+    @property
+    def num_params(self) -> int:
+        return self.batched.dim
+
+    def use_calibration(self, calibration: Calibration) -> None:
         """Hold the sampler of a ``slt_probe.calibrate`` result fixed for every estimate."""
         self.calibration = calibration
-        self._needs_calibration = False
         self.settings = calibration.apply(self.settings)
-        if self.log_dir is not None:
-            path = self.log_dir / MANIFEST_NAME
-            manifest = json.loads(path.read_text())
-            manifest["settings"] = self.settings.to_dict()
-            manifest["calibration"] = calibration.to_dict()
-            path.write_text(json.dumps(manifest, indent=1))
+        self._log.update_manifest(settings=self.settings.to_dict(),
+                                      calibration=calibration.to_dict())
 
     # -- schedule -------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        if self.log_file.has_llc(step):
+        if self._log.has_llc(step):
             return False
         if step == 0:
             return self.at_start
-        return step in self.steps or (self.every is not None and step % self.every == 0)
+        return step in self.scheduled_steps or (self.every is not None and step % self.every == 0)
 
     # -- estimating -----------------------------------------------------------------
     def estimate(self, step: int) -> dict:
         """Estimate now and record it as ``step`` (training state is left untouched)."""
         started = time.perf_counter()
-        if self._needs_calibration:
-            from .calibration import calibrate
-
-            with preserved_state(self.model):
-                self.use_calibration(calibrate(
-                    self.model, (self.x, self.y), batch_size=self.settings.batch_size,
-                    seed=self.settings.seed, estimator=self.settings.estimator,
-                    restrict_to=self.restrict_to, verbose=self.verbose, stacked=self.stacked))
         with preserved_state(self.model):
-            w_star = self.stacked.load_state(self.model.state_dict())
-            result = run_estimate(self.stacked, w_star, self.x, self.y, self.settings,
-                                  restrict_to=self.restrict_to, verbose=self.verbose,
-                                  desc=f"LLC step {step}")
+            if self.settings.auto:
+                self.use_calibration(calibrate(self.model, (self.x, self.y), self.settings,
+                                               loss_fn=self.loss_fn, verbose=self.verbose,
+                                               batched=self.batched))
+            w_star = self.batched.load_point(self.model.state_dict())
+            result = run_estimate(self.batched, w_star, self.x, self.y, self.settings,
+                                  verbose=self.verbose, desc=f"LLC step {step}")
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
-        return self.log_file.update(step, row_from_result(result, seconds))
+        return self._log.update(step, row_from_result(result, seconds))
 
     def maybe_estimate(self, step: int) -> dict | None:
         """For loops without an optimizer object: estimate if ``step`` is on the schedule."""
@@ -258,7 +158,7 @@ class LLCProbe:
             if key in LLC_COLUMNS:
                 raise ValueError(f"metric name {key!r} is reserved for the probe's own columns")
             clean[key] = float(value) if isinstance(value, (torch.Tensor, np.generic)) else value
-        self.log_file.update(int(step), clean, flush=False)
+        self._log.update(int(step), clean, flush=False)
 
     # -- hook -----------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, start_step: int = 0) -> "LLCProbe":
@@ -281,7 +181,7 @@ class LLCProbe:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self.log_file.flush()
+        self._log.flush()
 
     def __enter__(self) -> "LLCProbe":
         return self
@@ -292,7 +192,16 @@ class LLCProbe:
     # -- reporting ------------------------------------------------------------------
     @property
     def history(self) -> list[dict]:
-        return self.log_file.history()
+        """Every row so far (one per step with an estimate or logged metrics), by step."""
+        return self._log.history()
+
+    def row(self, step: int) -> dict:
+        """A copy of the row of ``step`` (empty if there is none)."""
+        return dict(self._log.rows.get(step, {}))
+
+    def llc_rows(self) -> list[dict]:
+        """The rows that hold an estimate."""
+        return [r for r in self.history if r.get("llc_mean") is not None]
 
     @property
     def overhead(self) -> dict:
@@ -302,23 +211,11 @@ class LLCProbe:
                 "fraction": self.probe_seconds / wall if wall and wall > 0 else float("nan")}
 
 
-def row_from_result(result, seconds: float) -> dict:
-    d = result.diagnostics
-    return {"llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
-            "effective_params": result.effective_params, "init_loss": result.init_loss,
-            "nbeta": result.nbeta, "healthy": d["healthy"],
-            "rhat": d["rhat"] if math.isfinite(d["rhat"]) else None,
-            "ess": d["ess"] if math.isfinite(d["ess"]) else None,
-            "num_diverged": d["num_diverged"], "seconds": seconds}
-
-
-def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iterable[int] | None = None,
-                   loss_fn="cross_entropy", sampler: Sampler | str | None = None,
-                   calibrate_on: int = -1, num_chains: int = 4,
-                   num_draws: int = 200, num_burnin: int = 0, batch_size: int = 128,
-                   seed: int = 0, estimator: str = "control_variate", restrict_to=None,
-                   log_dir: str | Path | None = None, compile: bool = False,
-                   verbose: bool = True, load: Callable = torch.load) -> list[dict]:
+def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
+                   settings: EstimateSettings | None = None, *,
+                   steps: Iterable[int] | None = None, loss_fn="cross_entropy",
+                   calibrate_on: int = -1, log_dir: str | Path | None = None,
+                   verbose: bool = True, load: Callable = torch.load, **overrides) -> list[dict]:
     """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
 
     ``model`` supplies the architecture; it is left as it was. Rows (one per checkpoint,
@@ -332,12 +229,8 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iter
     steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(checkpoints):
         raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
-    auto = sampler == "auto"
-    probe = LLCProbe(model, data, loss_fn=loss_fn, every=None, steps=steps,
-                     sampler=None if auto else sampler,
-                     num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-                     batch_size=batch_size, seed=seed, estimator=estimator,
-                     restrict_to=restrict_to, log_dir=log_dir, compile=compile, verbose=False)
+    probe = LLCProbe(model, data, settings, loss_fn=loss_fn, every=None, steps=steps,
+                     log_dir=log_dir, verbose=False, **overrides)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def load_checkpoint(checkpoint, step):
@@ -347,17 +240,15 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data, *, steps: Iter
         model.load_state_dict(state)
 
     try:
-        if auto:
-            from .calibration import calibrate
-
+        if probe.settings.auto:
             load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
-            probe.use_calibration(calibrate(model, data, loss_fn=loss_fn,
-                                            batch_size=batch_size, seed=seed,
-                                            estimator=estimator, restrict_to=restrict_to,
-                                            verbose=verbose, stacked=probe.stacked))
+            with preserved_state(model):
+                probe.use_calibration(calibrate(model, (probe.x, probe.y), probe.settings,
+                                                loss_fn=loss_fn, verbose=verbose,
+                                                batched=probe.batched))
         for step, checkpoint in tqdm(list(zip(steps, checkpoints)), desc="checkpoints",
                                      disable=not verbose):
-            if probe.log_file.has_llc(step):
+            if probe._log.has_llc(step):
                 continue
             load_checkpoint(checkpoint, step)
             probe.estimate(step)

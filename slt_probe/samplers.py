@@ -22,14 +22,14 @@ class SamplerState:
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _check_non_negative(name: str, value: float) -> None:
+def check_non_negative(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
@@ -49,10 +49,10 @@ class Sampler:
     name: ClassVar[str] = "sampler"
 
     def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
-        _check_non_negative("localization", self.localization)
+        check_positive("lr", self.lr)
+        check_non_negative("localization", self.localization)
         if self.nbeta is not None:
-            _check_positive("nbeta", self.nbeta)
+            check_positive("nbeta", self.nbeta)
 
     def init(self, w_star: Tensor, generator: torch.Generator, mask: Tensor | None) -> SamplerState:
         return SamplerState(w=w_star.clone())
@@ -60,6 +60,23 @@ class Sampler:
     def step(self, state: SamplerState, grad: Tensor, noise: Tensor, *, w_star: Tensor,
              nbeta: float) -> SamplerState:
         raise NotImplementedError
+
+    def log_acceptance(self, w_old: Tensor, w_new: Tensor, noise_sq: Tensor,
+                       grad_new: Tensor, loss_change: Tensor, *, w_star: Tensor,
+                       nbeta: float) -> Tensor | None:
+        """log of the Metropolis–Hastings acceptance of the move ``w_old → w_new`` on the
+        potential U = nβ·L + γ/2‖w − w*‖², or None where the kernel has no closed-form
+        proposal density (it is a diagnostic only: nothing is ever rejected).
+
+        ``noise_sq`` is ‖ξ‖² of the noise that made the move, ``grad_new`` ∇L at
+        ``w_new`` and ``loss_change`` L(w_new) − L(w_old) on one minibatch (chains,).
+        """
+        return None
+
+    @property
+    def has_proposal_density(self) -> bool:
+        """Whether ``log_acceptance`` is available for this kernel."""
+        return False
 
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
@@ -78,6 +95,27 @@ class SGLD(Sampler):
         new_w.add_(noise, alpha=math.sqrt(self.lr))
         new_w.add_(grad, alpha=-0.5 * self.lr * nbeta)
         return SamplerState(w=new_w, aux=state.aux)
+
+    @property
+    def has_proposal_density(self) -> bool:
+        # a subclass with a move of its own must bring the density of that move
+        return type(self).step is SGLD.step
+
+    def log_acceptance(self, w_old, w_new, noise_sq, grad_new, loss_change, *, w_star, nbeta):
+        lr, gamma = self.lr, self.localization
+        delta_u = nbeta * loss_change.double()
+        u_new = w_new - w_star
+        step = w_old - w_new
+        if gamma:
+            # ‖u_new‖² − ‖u_old‖² = −⟨w_old − w_new, u_new + u_old⟩: no cancellation.
+            u_pair = u_new.mul(2.0).add_(step)
+            delta_u -= 0.5 * gamma * torch.linalg.vecdot(step, u_pair, dim=1).double()
+        # w_t − w_{t+1} + ε/2·∇U(w_{t+1}), built in place on ``step``.
+        reverse = step.add_(grad_new, alpha=0.5 * lr * nbeta)
+        if gamma:
+            reverse.add_(u_new, alpha=0.5 * lr * gamma)
+        reverse_sq = torch.linalg.vecdot(reverse, reverse, dim=1).double()
+        return -delta_u - reverse_sq / (2 * lr) + 0.5 * noise_sq
 
 
 @dataclass(frozen=True)
@@ -98,7 +136,7 @@ class RMSPropSGLD(Sampler):
         super().__post_init__()
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
-        _check_positive("eps", self.eps)
+        check_positive("eps", self.eps)
 
     def step(self, state, grad, noise, *, w_star, nbeta):
         scaled = nbeta * grad
@@ -123,7 +161,7 @@ class SGNHT(Sampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive("diffusion_factor", self.diffusion_factor)
+        check_positive("diffusion_factor", self.diffusion_factor)
 
     def init(self, w_star, generator, mask):
         momentum = torch.randn(w_star.shape, generator=generator, device=w_star.device,

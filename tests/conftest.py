@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slt_probe import known_models
+from slt_probe.ground_truth import problems as known_models
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Statistical accuracy against known λ (slow: run with ``pytest -m slow``).
 
-Each case in ``slt_probe.known_models.CASES`` carries its sampler settings, chosen by
+Each case in ``slt_probe.ground_truth.problems.CASES`` carries its sampler settings, chosen by
 hand: SGLD's O(ε) step bias pushes λ̂ up as ε grows while too small an ε leaves chains
 unmixed within the burn-in, so stiff-and-flat cases (rank r > 0, monomials) need small ε,
 long burn-in and many chains (cheap here: chains are a batch dimension). Automatic
@@ -12,7 +12,7 @@ import math
 import pytest
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe import known_models as km
+from slt_probe.ground_truth import problems as km
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_quick_validation_under_automatic_calibration(tmp_path):
     8-chain estimate of the spread, so up to 2× the aim: 1.56× seen on 2-3-4-2); regular
     d = 20 is precise enough to be held to 10 % outright. Also requires the report
     files."""
-    from slt_probe.validation import validate
+    from slt_probe.ground_truth.validate import validate
 
     rows = validate(quick=True, out=tmp_path, command="pytest", verbose=False)
     print({r["case"]: (r["relative_error"], r["llc_sem"] / r["true_lambda"]) for r in rows})

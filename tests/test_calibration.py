@@ -7,9 +7,10 @@ import torch
 
 import slt_probe
 from slt_probe import CalibrationGrid, LLCProbe, calibrate, estimate_llc
-from slt_probe.api import EstimateSettings
+from slt_probe.settings import EstimateSettings
 from slt_probe.calibration import relative_gap
-from slt_probe.validation import markdown, scatter
+from slt_probe.ground_truth.validate import markdown
+from slt_probe.reports import plot_validation
 
 SMALL_GRID = CalibrationGrid(lrs=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6),
                              localizations=(1.0,), num_chains=4, level_steps=200)
@@ -74,7 +75,7 @@ def test_calibrate_then_estimate_lands_near_truth(regular_problem, tmp_path):
                           num_chains=4, num_draws=1000, num_burnin=cal.num_burnin,
                           batch_size=500, verbose=False)
     assert result.llc_mean == pytest.approx(5.0, rel=0.10)
-    cal.plot(tmp_path / "calibration.png")
+    slt_probe.plot_calibration(cal, tmp_path / "calibration.png")
     assert (tmp_path / "calibration.png").stat().st_size > 1000
     assert cal.to_dict()["sampler"]["lr"] == cal.sampler.lr
 
@@ -163,22 +164,12 @@ def test_auto_sampler_on_regular_model(regular_problem):
 def test_probe_calibrates_once_and_holds_the_sampler(regular_problem, tmp_path):
     p = regular_problem
     probe = LLCProbe(p.model, (p.x, p.y), loss_fn=p.loss_fn, every=1, sampler="auto",
-                     num_chains=2, num_draws=20, batch_size=500, log_dir=tmp_path,
-                     verbose=False)
-    calls = []
-    original = slt_probe.calibration.calibrate
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **{**kwargs, "grid": SMALL_GRID})
-
-    slt_probe.calibration.calibrate = counting
-    try:
-        probe.maybe_estimate(0)
-        probe.maybe_estimate(1)
-    finally:
-        slt_probe.calibration.calibrate = original
-    assert len(calls) == 1
+                     calibration_grid=SMALL_GRID, num_chains=2, num_draws=20, batch_size=500,
+                     log_dir=tmp_path, verbose=False)
+    probe.maybe_estimate(0)
+    first = probe.calibration
+    probe.maybe_estimate(1)
+    assert first is not None and probe.calibration is first  # not calibrated again
     assert probe.settings.sampler.lr == probe.calibration.sampler.lr
     assert (probe.settings.warmup_lr, probe.settings.num_warmup) == \
         (probe.calibration.warmup_lr, probe.calibration.num_warmup)
@@ -200,7 +191,7 @@ def test_validation_report_marks_misses(tmp_path):
     assert "| 0.9 (λ̂ +16.7%) |" in text and "| 2 | — |" in text
     assert "-25.0% ± 2.5% ✗" in text and "+5.0% ± 2.0% |" in text
     assert "| 40 |" in text and "1 of 2 cases within 10%" in text
-    scatter(rows, tmp_path / "s.png")
+    plot_validation(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 

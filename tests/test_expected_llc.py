@@ -4,8 +4,8 @@ import math
 import pytest
 from scipy import integrate
 
-from slt_probe import known_models as km
-from slt_probe.api import default_nbeta
+from slt_probe.ground_truth import problems as km
+from slt_probe.settings import default_nbeta
 
 
 def _monomial_at_origin_by_one_integral(b: int, nbeta: float, localization: float) -> float:

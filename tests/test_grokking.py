@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from slt_probe import read_rows
+from slt_probe.run_log import read_rows
 from slt_probe.cli import main
 from slt_probe.experiments.grokking import (build_model, preset, run_grokking,
                                             summarize)

@@ -5,7 +5,7 @@ import torch
 
 from slt_probe import SGLD, SGNHT, RMSPropSGLD
 from slt_probe.losses import resolve_loss
-from slt_probe.stacked import StackedModel
+from slt_probe.batched_model import BatchedModel
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -89,7 +89,7 @@ def test_sgnht_thermostat_tracks_kinetic_energy():
 
 def test_batched_chains_equal_a_per_chain_loop(tiny_classifier):
     model, x, y = tiny_classifier
-    stacked = StackedModel(model, resolve_loss("cross_entropy"))
+    stacked = BatchedModel(model, resolve_loss("cross_entropy"))
     w0 = stacked.flatten(model)
     chains = 3
     w = w0 + 0.1 * torch.randn(chains, stacked.dim)

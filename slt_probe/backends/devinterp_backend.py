@@ -19,6 +19,8 @@ from ..samplers import SGLD, SGNHT, RMSPropSGLD
 
 
 def _sampling_method(sampler, nbeta: float):
+    # devinterp is imported only when its backend runs: it pulls in much that a native
+    # estimate never needs.
     from devinterp.optim import SGMCMC
 
     if isinstance(sampler, RMSPropSGLD):
@@ -38,8 +40,8 @@ def _sampling_method(sampler, nbeta: float):
 class _Recorder:
     """devinterp callback: per (chain, draw) loss and its reference loss."""
 
-    def __init__(self, stacked, x, y, star_losses, settings, shape):
-        self.stacked, self.x, self.y = stacked, x, y
+    def __init__(self, batched, x, y, star_losses, settings, shape):
+        self.batched, self.x, self.y = batched, x, y
         self.star_losses = star_losses
         self.init_loss = float(star_losses.mean())
         self.settings = settings
@@ -49,7 +51,7 @@ class _Recorder:
     def __call__(self, chain, draw, loss, data, model, **_):
         if self.settings.loss_on == "full":
             with torch.no_grad():
-                value = float(self.stacked.loss.batch(model(self.x), self.y))
+                value = float(self.batched.loss.batch(model(self.x), self.y))
             reference = self.init_loss
         else:
             value = float(loss)
@@ -61,13 +63,13 @@ class _Recorder:
         self.reference[chain, draw] = reference
 
 
-def run_devinterp(model, stacked, w_star, x, y, settings, nbeta, star_losses, mask,
+def run_devinterp(batched, w_star, x, y, settings, nbeta, star_losses, mask,
                   accumulator, *, verbose: bool):
     from devinterp.slt.sampler import sample
 
     method, kwargs = _sampling_method(settings.sampler, nbeta)
-    chain_model = copy.deepcopy(stacked.module)
-    views = stacked.views(w_star)
+    chain_model = copy.deepcopy(batched.module)
+    views = batched.views(w_star)
     with torch.no_grad():
         for name, param in chain_model.named_parameters():
             if name in views:
@@ -75,17 +77,17 @@ def run_devinterp(model, stacked, w_star, x, y, settings, nbeta, star_losses, ma
                 param.requires_grad_(True)
     restriction = None
     if mask is not None:
-        mask_views = stacked.views(mask)
+        mask_views = batched.views(mask)
         restriction = {name: (mask_views[name] > 0) if name in mask_views
                        else torch.zeros_like(p, dtype=torch.bool)
                        for name, p in chain_model.named_parameters()}
-    loss = stacked.loss
+    loss = batched.loss
     generator = torch.Generator().manual_seed(settings.seed)
     indices = torch.arange(len(x), device=x.device)
     loader = DataLoader(TensorDataset(x, y, indices), batch_size=settings.batch_size,
                         shuffle=True, generator=generator)
     shape = (settings.num_chains, settings.num_draws)
-    recorder = _Recorder(stacked, x, y, star_losses, settings, shape)
+    recorder = _Recorder(batched, x, y, star_losses, settings, shape)
 
     def evaluate(net, batch):
         return loss.batch(net(batch[0]), batch[1])
@@ -99,7 +101,7 @@ def run_devinterp(model, stacked, w_star, x, y, settings, nbeta, star_losses, ma
                    sampling_method=method, optimizer_kwargs=kwargs,
                    num_draws=settings.num_draws, num_chains=settings.num_chains,
                    num_burnin_steps=settings.num_burnin, init_loss=accumulator.init_loss,
-                   seed=settings.seed, device=stacked.device, verbose=verbose,
+                   seed=settings.seed, device=batched.device, verbose=verbose,
                    optimize_over_per_model_param=restriction)
     finally:
         torch.set_rng_state(cpu_state)

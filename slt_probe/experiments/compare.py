@@ -10,10 +10,8 @@ Writes ``summary.csv``/``summary.md`` (one row per activation), ``redshift.csv``
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
-import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,9 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .grokking import (MODEL_NAME, GrokkingConfig, LLCSettings, aggregate, build_model,
-                       build_task, load_run, preset, run_grokking)
+from ..reports import markdown_table, mean_pm_std, plot_comparison, plot_redshift
+from ..run_log import write_csv_atomic, write_json_atomic, write_text_atomic
+from .grokking import run_grokking
+from .presets import GrokkingConfig, LLCSettings, build_model, build_task, preset
 from .redshift import WEIGHT_SCALES, complexity_at_init
+from .summary import MODEL_NAME, aggregate, load_run
 
 SAMPLER_NAME = "sampler.json"
 
@@ -33,7 +34,7 @@ def _fixed_sampler(out: Path, config: GrokkingConfig) -> LLCSettings:
     if path.exists():
         return LLCSettings(**json.loads(path.read_text()))
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(config.llc), indent=1))
+    write_json_atomic(path, asdict(config.llc))
     return config.llc
 
 
@@ -109,9 +110,9 @@ def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *
         row["init_lz"] = float(np.mean([r["lz"] for r in at_default]))
         summary_rows.append(row)
 
-    _write_csv(out / "summary.csv", summary_rows)
-    _write_csv(out / "redshift.csv", redshift_rows)
-    (out / "summary.md").write_text(summary_markdown(summary_rows, setup, sampler, command))
+    write_csv_atomic(out / "summary.csv", summary_rows)
+    write_csv_atomic(out / "redshift.csv", redshift_rows)
+    write_text_atomic(out / "summary.md", summary_markdown(summary_rows, setup, sampler, command))
     plot_comparison({a: [rows for _, rows, _ in runs[a]] for a in activations},
                     out / "trajectories.png", title=f"{setup}: λ̂ by activation "
                     f"(mean ± std over {len(seeds)} seeds)")
@@ -119,23 +120,10 @@ def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *
     return summary_rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _pm(row: dict, key: str, fmt: str = ".3g") -> str:
-    value, std = row.get(key), row.get(f"{key}_std")
-    if value is None:
-        return "—"
-    text = format(value, fmt)
-    if std:
-        text += f" ± {format(std, fmt)}"
+    text = mean_pm_std(row.get(key), row.get(f"{key}_std"), fmt)
     count = row.get(f"{key}_count")
-    if count is not None and count < row["num_runs"]:
+    if row.get(key) is not None and count is not None and count < row["num_runs"]:
         text += f" ({count}/{row['num_runs']} runs)"
     return text
 
@@ -146,82 +134,19 @@ def summary_markdown(rows: list[dict], setup: str, sampler: LLCSettings, command
         lines += [f"Regenerate: `{command}`", ""]
     lines += [f"Sampler (fixed for all runs): SGLD ε={sampler.lr:g}, γ={sampler.localization:g}, "
               f"nβ={sampler.nbeta:g}, {sampler.num_chains} chains × {sampler.num_draws} draws "
-              f"after {sampler.num_burnin} burn-in ({sampler.source}).", "",
-              "| activation | runs | λ̂ init | λ̂ peak | peak step | λ̂ final | grokking step | "
-              "final test acc | seed disagreement | prediction variance | init mean freq | "
-              "init LZ |", "|" + "---|" * 12]
-    for r in rows:
-        fmt = lambda v, f=".3g": "—" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r['activation']} | {r['num_runs']} | {_pm(r, 'llc_init')} | "
-                     f"{_pm(r, 'llc_peak')} | {_pm(r, 'llc_peak_step', '.0f')} | "
-                     f"{_pm(r, 'llc_final')} | {_pm(r, 'grok_step', '.0f')} | "
-                     f"{_pm(r, 'final_test_acc')} | {fmt(r['disagreement'])} | "
-                     f"{fmt(r['prediction_variance'])} | {fmt(r['init_mean_frequency'])} | "
-                     f"{fmt(r['init_lz'])} |")
+              f"after {sampler.num_burnin} burn-in ({sampler.source}).", ""]
+    header = ["activation", "runs", "λ̂ init", "λ̂ peak", "peak step", "λ̂ final",
+              "grokking step", "final test acc", "seed disagreement", "prediction variance",
+              "init mean freq", "init LZ"]
+    lines += markdown_table(header, [
+        [r["activation"], r["num_runs"], _pm(r, "llc_init"), _pm(r, "llc_peak"),
+         _pm(r, "llc_peak_step", ".0f"), _pm(r, "llc_final"), _pm(r, "grok_step", ".0f"),
+         _pm(r, "final_test_acc"), mean_pm_std(r["disagreement"]),
+         mean_pm_std(r["prediction_variance"]), mean_pm_std(r["init_mean_frequency"]),
+         mean_pm_std(r["init_lz"])] for r in rows])
     lines += ["", "± is the std over seeds. Seed disagreement: mean pairwise fraction of held-out "
               "inputs where two seeds predict different classes; prediction variance: variance "
               "over seeds of predicted probabilities. Init mean freq / LZ: complexity of the "
               "untrained network's function on a 2-D input slice at the default weight scale "
               "(see redshift.csv and redshift.png for other scales).", ""]
     return "\n".join(lines)
-
-
-def _mean_band(trajectories: list[list[dict]]):
-    by_step: dict[int, list[float]] = {}
-    for rows in trajectories:
-        for r in rows:
-            if r.get("llc_mean") is not None:
-                by_step.setdefault(r["step"], []).append(r["llc_mean"])
-    steps = sorted(by_step)
-    return (np.array(steps), np.array([np.mean(by_step[s]) for s in steps]),
-            np.array([np.std(by_step[s]) for s in steps]))
-
-
-def plot_comparison(runs: dict[str, list[list[dict]]], path, title: str = ""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
-    for i, (act, trajectories) in enumerate(runs.items()):
-        colour = f"C{i}"
-        steps, mean, std = _mean_band(trajectories)
-        top.plot(steps + 1, mean, color=colour, label=act)
-        top.fill_between(steps + 1, mean - std, mean + std, color=colour, alpha=0.2)
-        for k, rows in enumerate(trajectories):
-            metric = [r for r in rows if r.get("test_acc") is not None]
-            bottom.plot([r["step"] + 1 for r in metric], [r["test_acc"] for r in metric],
-                        color=colour, lw=1, alpha=0.7, label=act if k == 0 else None)
-    top.set_ylabel("λ̂ (train set)")
-    top.legend(fontsize=8)
-    top.set_title(title)
-    bottom.set_ylabel("test accuracy")
-    bottom.set_xlabel("step + 1")
-    bottom.set_xscale("log")
-    bottom.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_redshift(rows: list[dict], path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for i, act in enumerate(dict.fromkeys(r["activation"] for r in rows)):
-        mine = [r for r in rows if r["activation"] == act]
-        scales = sorted({r["scale"] for r in mine})
-        for ax, key in zip(axes, ("mean_frequency", "lz")):
-            means = [np.mean([r[key] for r in mine if r["scale"] == s]) for s in scales]
-            ax.plot(scales, means, "o-", color=f"C{i}", label=act)
-    for ax, label in zip(axes, ("mean Fourier frequency", "LZ compressed fraction")):
-        ax.set_xscale("log")
-        ax.set_xlabel("initial weight scale")
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("complexity of the untrained network's function (2-D input slice)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

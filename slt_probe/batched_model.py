@@ -4,42 +4,42 @@ Chains are the leading dimension of one flat buffer ``W`` (chains × d). The for
 sees per-parameter views of it through ``torch.func.functional_call`` under ``vmap``,
 so every chain advances in one batched computation and no module is ever copied per
 step. The user's module is copied once (to put the copy in eval mode and leave the
-original untouched). Not here: noise, batching, estimator arithmetic.
+original untouched). Not here: which coordinates are sampled (``parameter_layout``),
+noise, batching, estimator arithmetic.
 """
 from __future__ import annotations
 
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .losses import Loss
+from .parameter_layout import ParameterLayout
 
 _EVAL_CHUNK = 4096
 
 
-class StackedModel:
+class BatchedModel:
+    """The user's model as ``loss(W, x, y)`` over chains: a private eval-mode copy whose
+    trainable parameters are read from a flat (chains × d) buffer.
+
+    ``layout`` says where each parameter sits in that buffer; ``frozen`` holds what is not
+    sampled (parameters without ``requires_grad``, buffers), updated only by
+    ``load_buffers``.
+    """
+
     def __init__(self, model: nn.Module, loss: Loss, *, compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-        for name, p in trainable:
-            if not torch.isfinite(p.detach()).all():
-                raise ValueError(f"model parameter {name!r} contains NaN or inf")
+        self.layout = ParameterLayout.of(model)
         self.loss = loss
-        self.names = [n for n, _ in trainable]
-        self.shapes = [p.shape for _, p in trainable]
-        self.sizes = [p.numel() for _, p in trainable]
-        self.offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
-        self.dim = self.offsets[-1]
-        self.device = trainable[0][1].device
-        self.dtype = trainable[0][1].dtype
+        self.names, self.shapes, self.dim = self.layout.names, self.layout.shapes, self.layout.dim
+        self.device, self.dtype = self.layout.device, self.layout.dtype
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -54,71 +54,32 @@ class StackedModel:
         if compile:
             self._try_compile()
 
-    # -- parameter layout -------------------------------------------------------------
+    # -- parameters -------------------------------------------------------------------
     def flatten(self, model: nn.Module | None = None) -> Tensor:
         """Flat copy of the trainable parameters of ``model`` (default: the wrapped copy)."""
-        params = dict((model or self.module).named_parameters())
-        missing = [n for n in self.names if n not in params]
-        if missing:
-            raise ValueError(f"model lacks parameters {missing} of the sampled architecture")
-        return torch.cat([params[n].detach().reshape(-1).to(self.dtype) for n in self.names])
+        return self.layout.flatten(model or self.module)
 
-    def load_state(self, state: Mapping[str, Tensor]) -> Tensor:
-        """Flat parameter vector from a state_dict with this architecture."""
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise ValueError(f"state_dict lacks parameters {missing}")
-        for n, shape in zip(self.names, self.shapes):
-            if state[n].shape != shape:
-                raise ValueError(f"state_dict[{n!r}] has shape {tuple(state[n].shape)}, "
-                                 f"expected {tuple(shape)}")
-        frozen_state = {k: v for k, v in state.items() if k in self.frozen}
+    def load_point(self, state: Mapping[str, Tensor]) -> Tensor:
+        """w* from a state_dict with this architecture: its trainable parameters as a flat
+        vector (returned), its buffers and frozen parameters copied into the evaluated
+        copy (``load_buffers``), so a checkpoint's batch-norm statistics come with it."""
+        w_star = self.layout.flatten_state(state)
+        self.load_buffers(state)
+        return w_star
+
+    def load_buffers(self, state: Mapping[str, Tensor]) -> None:
+        """Copy the buffers and frozen parameters of ``state`` (e.g. batch-norm running
+        statistics of a checkpoint) into the evaluated copy."""
         with torch.no_grad():
-            for k, v in frozen_state.items():
-                self.frozen[k].copy_(v)
-        return torch.cat([state[n].detach().reshape(-1).to(self.device, self.dtype)
-                          for n in self.names])
+            for k, v in state.items():
+                if k in self.frozen:
+                    if v.shape != self.frozen[k].shape:
+                        raise ValueError(f"state_dict[{k!r}] has shape {tuple(v.shape)}, "
+                                         f"expected {tuple(self.frozen[k].shape)}")
+                    self.frozen[k].copy_(v)
 
     def views(self, w: Tensor) -> dict[str, Tensor]:
-        """Per-parameter views of ``w`` (d,) or (chains, d); no copies."""
-        lead = w.shape[:-1]
-        return {n: w[..., a:b].view(*lead, *shape) for n, shape, a, b in
-                zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
-
-    def mask_for(self, restrict_to) -> Tensor | None:
-        """Flat 0/1 mask of the coordinates to sample; ``None`` means all of them.
-
-        ``restrict_to`` is an iterable of parameter names (a name also selects every
-        parameter under it, e.g. ``"layers.0"``) or a dict name → boolean tensor.
-        """
-        if restrict_to is None:
-            return None
-        mask = torch.zeros(self.dim, device=self.device, dtype=self.dtype)
-        views = self.views(mask)
-        if isinstance(restrict_to, Mapping):
-            for name, sub in restrict_to.items():
-                if name not in views:
-                    raise ValueError(f"restrict_to names unknown parameter {name!r}; "
-                                     f"trainable parameters are {self.names}")
-                sub = torch.as_tensor(sub, device=self.device)
-                if sub.shape != views[name].shape:
-                    raise ValueError(f"restrict_to[{name!r}] has shape {tuple(sub.shape)}, "
-                                     f"expected {tuple(views[name].shape)}")
-                views[name].copy_(sub.to(self.dtype))
-        elif isinstance(restrict_to, Iterable) and not isinstance(restrict_to, (str, bytes)):
-            for prefix in restrict_to:
-                hits = [n for n in self.names if n == prefix or n.startswith(prefix + ".")]
-                if not hits:
-                    raise ValueError(f"restrict_to names unknown parameter {prefix!r}; "
-                                     f"trainable parameters are {self.names}")
-                for n in hits:
-                    views[n].fill_(1.0)
-        else:
-            raise TypeError("restrict_to must be a list of parameter names or a dict "
-                            f"name -> boolean mask; got {type(restrict_to).__name__}")
-        if mask.sum() == 0:
-            raise ValueError("restrict_to selects no parameters")
-        return mask
+        return self.layout.views(w)
 
     # -- evaluation -----------------------------------------------------------------
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:

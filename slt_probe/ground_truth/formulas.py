@@ -1,7 +1,7 @@
 """Exact learning coefficients of solvable models, in ``fractions.Fraction`` arithmetic.
 
 Reduced-rank regression: Aoyagi & Watanabe (2005). Deep linear networks: Aoyagi (2024).
-Polynomial potentials: normal-crossing monomials. See ../shared/SCIENCE.md.
+Polynomial potentials: normal-crossing monomials.
 """
 from __future__ import annotations
 

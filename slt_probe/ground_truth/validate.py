@@ -6,16 +6,16 @@ Markdown and a log-log scatter of λ̂ against the truth. Cases that miss are ke
 """
 from __future__ import annotations
 
-import csv
-import math
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import known_models as km
-from .api import estimate_llc
-from .calibration import CalibrationGrid
+from ..api import estimate_llc
+from ..calibration import CalibrationGrid
+from ..reports import plot_validation
+from ..run_log import write_csv_atomic, write_text_atomic
+from . import problems
 
 
 @dataclass(frozen=True)
@@ -26,20 +26,20 @@ class ValidationCase:
 
 
 CASES = [
-    ValidationCase("monomial w1 w2^2", lambda: km.monomial(1, 2, 20_000), True),
-    ValidationCase("regular d=20", lambda: km.regular(20, 1, 20_000), True),
-    ValidationCase("rrr 5-4-5 r=0", lambda: km.deep_linear([5, 4, 5], 0, 50_000), False),
-    ValidationCase("rrr 3-2-3 r=1", lambda: km.deep_linear([3, 2, 3], 1, 50_000), True),
-    ValidationCase("deep linear 2-3-4-2 r=1", lambda: km.deep_linear([2, 3, 4, 2], 1, 50_000), True),
-    ValidationCase("deep linear 5-5-5-5 r=2", lambda: km.deep_linear([5, 5, 5, 5], 2, 50_000), False),
-    ValidationCase("monomial w1 w2^3", lambda: km.monomial(1, 3, 20_000), False),
-    ValidationCase("rrr 4-3-2 r=1", lambda: km.deep_linear([4, 3, 2], 1, 50_000), False),
-    ValidationCase("rrr 10-6-8 r=2", lambda: km.deep_linear([10, 6, 8], 2, 50_000), False),
-    ValidationCase("deep linear 6-4-5-3 r=2", lambda: km.deep_linear([6, 4, 5, 3], 2, 50_000), False),
+    ValidationCase("monomial w1 w2^2", lambda: problems.monomial(1, 2, 20_000), True),
+    ValidationCase("regular d=20", lambda: problems.regular(20, 1, 20_000), True),
+    ValidationCase("rrr 5-4-5 r=0", lambda: problems.deep_linear([5, 4, 5], 0, 50_000), False),
+    ValidationCase("rrr 3-2-3 r=1", lambda: problems.deep_linear([3, 2, 3], 1, 50_000), True),
+    ValidationCase("deep linear 2-3-4-2 r=1", lambda: problems.deep_linear([2, 3, 4, 2], 1, 50_000), True),
+    ValidationCase("deep linear 5-5-5-5 r=2", lambda: problems.deep_linear([5, 5, 5, 5], 2, 50_000), False),
+    ValidationCase("monomial w1 w2^3", lambda: problems.monomial(1, 3, 20_000), False),
+    ValidationCase("rrr 4-3-2 r=1", lambda: problems.deep_linear([4, 3, 2], 1, 50_000), False),
+    ValidationCase("rrr 10-6-8 r=2", lambda: problems.deep_linear([10, 6, 8], 2, 50_000), False),
+    ValidationCase("deep linear 6-4-5-3 r=2", lambda: problems.deep_linear([6, 4, 5, 3], 2, 50_000), False),
     ValidationCase("deep linear 10-8-8-10 r=3",
-                   lambda: km.deep_linear([10, 8, 8, 10], 3, 50_000), False),
+                   lambda: problems.deep_linear([10, 8, 8, 10], 3, 50_000), False),
     ValidationCase("deep linear 58-58-58-58 r=4",
-                   lambda: km.deep_linear([58, 58, 58, 58], 4, 50_000), False),
+                   lambda: problems.deep_linear([58, 58, 58, 58], 4, 50_000), False),
 ]
 
 
@@ -112,29 +112,6 @@ def markdown(rows: list[dict], command: str, tolerance: float = 0.10) -> str:
     return "\n".join(lines) + "\n"
 
 
-def scatter(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    truth = [r["true_lambda"] for r in rows]
-    est = [max(r["llc_mean"], 1e-3) for r in rows]
-    ax.errorbar(truth, est, yerr=[r["llc_std"] for r in rows], fmt="o", ms=4, capsize=2)
-    lo, hi = min(truth + est) / 2, max(truth + est) * 2
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="λ̂ = λ")
-    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="g", alpha=0.1,
-                    label="±10 %")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("true λ")
-    ax.set_ylabel("λ̂ (auto-calibrated)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def validate(*, quick: bool, out: str | Path, command: str, verbose: bool = True,
              num_chains: int = 8, num_draws: int = 2000) -> list[dict]:
     cases = [c for c in CASES if c.quick or not quick]
@@ -153,12 +130,9 @@ def validate(*, quick: bool, out: str | Path, command: str, verbose: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = "quick" if quick else "full"
-    with open(out / f"validation_{name}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"validation_{name}.md").write_text(markdown(rows, command))
-    scatter(rows, out / f"validation_{name}.png")
+    write_csv_atomic(out / f"validation_{name}.csv", rows)
+    write_text_atomic(out / f"validation_{name}.md", markdown(rows, command))
+    plot_validation(rows, out / f"validation_{name}.png")
     if verbose:
         print(f"wrote {out}/validation_{name}.{{csv,md,png}}")
     return rows

@@ -66,10 +66,14 @@ def _checked(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class MinibatchStream:
-    """Yields index tensors of shape (chains, batch_size), one epoch per chain at a time."""
+    """Yields index tensors of shape (chains, batch_size), one shuffled epoch per chain at
+    a time. With ``drop_last`` (the default, which keeps the batched computation's shape
+    fixed) an epoch's last ``n mod batch_size`` examples are skipped and the next epoch
+    reshuffles; without it the last batch of each epoch is shorter, so every epoch covers
+    every example."""
 
     def __init__(self, num_examples: int, num_chains: int, batch_size: int,
-                 generator: torch.Generator, device: torch.device):
+                 generator: torch.Generator, device: torch.device, *, drop_last: bool = True):
         self.num_examples = num_examples
         self.num_chains = num_chains
         self.batch_size = min(batch_size, num_examples)
@@ -78,6 +82,7 @@ class MinibatchStream:
         self._order: Tensor | None = None
         self._cursor = num_examples
         self._full = self.batch_size == num_examples
+        self.drop_last = drop_last
 
     def next(self) -> Tensor:
         if self._full:
@@ -85,7 +90,8 @@ class MinibatchStream:
                 self._order = torch.arange(self.num_examples, device=self.device).expand(
                     self.num_chains, -1)
             return self._order
-        if self._cursor + self.batch_size > self.num_examples:
+        end = self._cursor + (self.batch_size if self.drop_last else 1)
+        if end > self.num_examples:
             keys = torch.rand(self.num_chains, self.num_examples, generator=self.generator,
                               device=self.device)
             self._order = keys.argsort(dim=1)

@@ -1,7 +1,8 @@
 """Solvable problems with a known true λ: a model at its true parameter, data, and λ.
 
-Used by the accuracy tests, the benchmark and ``slt-probe estimate``. Each problem uses
-the Gaussian negative log-likelihood (``"gaussian_nll"``), under which λ is stated.
+Used by the accuracy tests, the benchmarks, ``slt-probe estimate`` and ``slt-probe
+validate``. Each problem uses the Gaussian negative log-likelihood (``"gaussian_nll"``),
+under which λ is stated.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .truths import deep_linear_lambda, monomial_lambda, regular_lambda
+from ..losses import resolve_loss
+from .formulas import deep_linear_lambda, monomial_lambda, regular_lambda
 
 
 @dataclass
@@ -34,8 +37,6 @@ class KnownProblem:
         λ̂ is defined at a local minimum w* of the empirical loss; at the true parameter,
         L_n(w0) − L_n(ŵ) ≈ χ²_d/2n would bias λ̂ down by about d/(2 log n).
         """
-        from .losses import resolve_loss
-
         loss = resolve_loss(self.loss_fn).batch
         optimizer = torch.optim.LBFGS(self.model.parameters(), lr=1.0, max_iter=max_iter,
                                       tolerance_grad=1e-10, tolerance_change=1e-14,
@@ -100,8 +101,6 @@ def _monomial_expected_llc(a: int, b: int, w_star: list[float], *, sxx: float, s
     around the axes, where the posterior is sharpest; the sum converges geometrically
     (501 and 4001 points agree to 1e-15, and match tests' independent 1-D integral).
     """
-    import numpy as np
-
     reach = max(abs(w_star[0]), abs(w_star[1])) + 10.0 / math.sqrt(localization)
     finest = 1e-6
     u = np.linspace(-1.0, 1.0, grid_points)

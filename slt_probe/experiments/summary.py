@@ -1,0 +1,123 @@
+"""What a finished grokking run shows, read from its rows: λ̂ at initialisation, peak and
+end, when train and test accuracy cross their thresholds, whether λ̂ falls after grokking;
+and the table over runs. Not here: training, plotting.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..reports import markdown_table, mean_pm_std, plot_grokking
+from ..run_log import CSV_NAME, read_rows
+
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "trajectory.png"
+MODEL_NAME = "model.pt"  # the trained weights: comparisons read the runs' final functions
+
+
+def _first_step(rows: list[dict], key: str, threshold: float) -> int | None:
+    for row in rows:
+        value = row.get(key)
+        if value is not None and value >= threshold:
+            return int(row["step"])
+    return None
+
+
+def summarize(rows: list[dict], *, wall_seconds: float | None = None,
+              probe_seconds: float | None = None, grok_accuracy: float = 0.9) -> dict:
+    """LLC at init, peak and end; when train/test accuracy cross 50 %/90 %/100 %; and
+    whether λ̂ falls after its peak, read from a run's rows."""
+    llc_rows = [r for r in rows if r.get("llc_mean") is not None]
+    if not llc_rows:
+        raise ValueError("no rows with an LLC estimate")
+    peak = max(llc_rows, key=lambda r: r["llc_mean"])
+    final, init = llc_rows[-1], llc_rows[0]
+    metric_rows = [r for r in rows if r.get("test_acc") is not None]
+    grok = _first_step(metric_rows, "test_acc", grok_accuracy)
+    summary = {
+        "llc_init": init["llc_mean"], "llc_init_std": init["llc_std"],
+        "llc_peak": peak["llc_mean"], "llc_peak_std": peak["llc_std"], "llc_peak_step": peak["step"],
+        "llc_final": final["llc_mean"], "llc_final_std": final["llc_std"],
+        "final_step": final["step"],
+        "llc_fall_fraction": ((peak["llc_mean"] - final["llc_mean"]) / abs(peak["llc_mean"])
+                              if peak["llc_mean"] else None),
+        "train_acc_100_step": _first_step(metric_rows, "train_acc", 1.0),
+        "test_acc_50_step": _first_step(metric_rows, "test_acc", 0.5),
+        "test_acc_90_step": _first_step(metric_rows, "test_acc", 0.9),
+        "grok_accuracy": grok_accuracy, "grok_step": grok,
+        "final_train_acc": metric_rows[-1]["train_acc"] if metric_rows else None,
+        "final_test_acc": metric_rows[-1]["test_acc"] if metric_rows else None,
+        "grokked": grok is not None,
+        "num_llc_points": len(llc_rows),
+        "unhealthy_points": sum(1 for r in llc_rows if r.get("healthy") is False),
+        "wall_seconds": wall_seconds, "probe_seconds": probe_seconds,
+    }
+    if grok is not None:
+        before = [r["llc_mean"] for r in llc_rows if r["step"] <= grok]
+        after = [r["llc_mean"] for r in llc_rows if r["step"] >= grok]
+        summary["llc_at_grok"] = before[-1] if before else None
+        summary["llc_falls_after_grok"] = bool(after and before and min(after) < before[-1])
+        summary["peak_before_grok"] = peak["step"] <= grok
+    return summary
+
+
+def load_run(folder: str | Path) -> tuple[dict, list[dict]] | None:
+    """A finished run's summary and rows, or None if the folder has no finished run."""
+    folder = Path(folder)
+    if not (folder / SUMMARY_NAME).exists() or not (folder / CSV_NAME).exists():
+        return None
+    return json.loads((folder / SUMMARY_NAME).read_text()), read_rows(folder / CSV_NAME)
+
+
+def aggregate(summaries: list[dict], keys=("llc_init", "llc_peak", "llc_final", "llc_peak_step",
+                                           "grok_step", "final_test_acc",
+                                           "wall_seconds")) -> dict:
+    """Mean and std over runs of each key (None where a run lacks it, e.g. never grokked)."""
+    result = {"num_runs": len(summaries)}
+    for key in keys:
+        values = [s.get(key) for s in summaries]
+        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        result[key] = float(np.mean(finite)) if finite else None
+        result[f"{key}_std"] = float(np.std(finite)) if len(finite) > 1 else (0.0 if finite else None)
+        result[f"{key}_count"] = len(finite)
+    return result
+
+
+def report(root: str | Path, replot: bool = False) -> str:
+    """Markdown table over every finished run under ``root/<setup>/seed<k>``: LLC at init,
+    peak and end (mean ± std over seeds), where the peak and the fall sit relative to the
+    test-accuracy jump, and wall time. ``replot`` redraws each run's trajectory.png from
+    its llc.csv."""
+    root = Path(root)
+    header = ["setup", "seeds", "grokked", "λ̂ init", "λ̂ peak (step)", "λ̂ final",
+              "grokking step", "peak before grokking", "λ̂ falls after grokking",
+              "fall from peak", "wall s/run"]
+    table = []
+    for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        folders = sorted(setup_dir.glob("seed*"))
+        runs = [load_run(d) for d in folders]
+        summaries = [r[0] for r in runs if r is not None]
+        if replot:
+            for folder, run in zip(folders, runs):
+                if run is not None:
+                    summary, rows = run
+                    plot_grokking(rows, folder / PLOT_NAME, grok_step=summary["grok_step"],
+                                  grok_accuracy=summary.get("grok_accuracy", 0.9),
+                                  title=f"{summary['setup']} ({summary['activation']}, "
+                                        f"seed {summary['seed']})")
+        if not summaries:
+            continue
+        agg = aggregate(summaries, keys=("llc_init", "llc_peak", "llc_peak_step", "llc_final",
+                                         "grok_step", "llc_fall_fraction", "wall_seconds"))
+
+        pm = lambda key, fmt=".3g": mean_pm_std(agg[key], agg[f"{key}_std"], fmt)  # noqa: E731
+        count = lambda key: f"{sum(bool(s.get(key)) for s in summaries)}/{len(summaries)}"  # noqa: E731
+        table.append([setup_dir.name, len(summaries), count("grokked"), pm("llc_init"),
+                      f"{pm('llc_peak')} ({pm('llc_peak_step', '.0f')})", pm("llc_final"),
+                      pm("grok_step", ".0f"), count("peak_before_grok"),
+                      count("llc_falls_after_grok"), pm("llc_fall_fraction", ".0%"),
+                      pm("wall_seconds", ".0f")])
+    return "\n".join(markdown_table(header, table)) + "\n"

@@ -1,0 +1,173 @@
+"""Files a run writes and reads back: atomic CSV and JSON writes, the ``llc.csv`` row log
+with its manifest, and the state a probe must restore around an estimate.
+
+Every file is written to a temporary name in the same folder and moved into place, so an
+interrupted run never leaves a truncated file. Not here: estimating.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import random
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CSV_NAME = "llc.csv"
+MANIFEST_NAME = "manifest.json"
+LLC_COLUMNS = ["step", "llc_mean", "llc_std", "llc_sem", "effective_params", "init_loss",
+               "nbeta", "healthy", "rhat", "ess", "num_diverged", "seconds"]
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=1))
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict], columns: Iterable[str] = ()) -> None:
+    """Rows as CSV with ``columns`` first, then any other key in order of appearance."""
+    columns = list(columns)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a CSV written here, with numbers parsed (empty cells become None)."""
+    def parse(value: str):
+        if value == "":
+            return None
+        if value in ("True", "False"):
+            return value == "True"
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value else number
+
+    with open(path, newline="") as fh:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def versions() -> dict:
+    try:
+        own = version("slt-probe")
+    except PackageNotFoundError:
+        own = None
+    return {"slt_probe": own, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+@contextmanager
+def preserved_state(model: nn.Module):
+    """Restore global RNG streams (torch on every device, numpy, Python), the model's
+    parameters, gradients and train/eval modes on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    modes = [m.training for m in model.modules()]
+    params = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
+              for p in model.parameters()]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            for module, mode in zip(model.modules(), modes):
+                module.training = mode
+            with torch.no_grad():
+                for p, value, grad in params:
+                    if not torch.equal(p, value):
+                        p.copy_(value)
+                    if grad is None:
+                        p.grad = None
+                    elif p.grad is None or not torch.equal(p.grad, grad):
+                        p.grad = grad
+
+
+class TrajectoryLog:
+    """Rows keyed by step, rewritten atomically to ``llc.csv`` on ``flush`` (after every
+    estimate; metrics logged between estimates are written with the next one or on
+    detach), with a ``manifest.json`` beside it."""
+
+    def __init__(self, log_dir: str | Path | None, manifest: dict):
+        self.rows: dict[int, dict] = {}
+        self.path = None
+        self.manifest_path = None
+        if log_dir is None:
+            return
+        log_dir = Path(log_dir)
+        if log_dir.exists() and not log_dir.is_dir():
+            raise ValueError(f"log_dir {log_dir} exists and is a file, not a directory")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / CSV_NAME
+        if self.path.exists():
+            for row in read_rows(self.path):
+                self.rows[int(row["step"])] = row
+        self.manifest_path = log_dir / MANIFEST_NAME
+        if self.manifest_path.exists():
+            previous = json.loads(self.manifest_path.read_text())
+            previous.setdefault("resumed_at", []).append(manifest["started_at"])
+            manifest = previous
+        write_json_atomic(self.manifest_path, manifest)
+
+    def update_manifest(self, **values) -> None:
+        if self.manifest_path is None:
+            return
+        manifest = json.loads(self.manifest_path.read_text())
+        manifest.update(values)
+        write_json_atomic(self.manifest_path, manifest)
+
+    def has_llc(self, step: int) -> bool:
+        value = self.rows.get(step, {}).get("llc_mean")
+        return value is not None and value != ""
+
+    def update(self, step: int, values: Mapping, *, flush: bool = True) -> dict:
+        row = self.rows.setdefault(step, {"step": step})
+        row.update(values)
+        if flush:
+            self.flush()
+        return row
+
+    def history(self) -> list[dict]:
+        return [self.rows[s] for s in sorted(self.rows)]
+
+    def flush(self) -> None:
+        if self.path is not None:
+            write_csv_atomic(self.path, self.history(), LLC_COLUMNS)
+
+
+def row_from_result(result, seconds: float) -> dict:
+    """The ``llc.csv`` columns of one estimate."""
+    d = result.diagnostics
+    finite = lambda v: v if v is not None and np.isfinite(v) else None  # noqa: E731
+    return {"llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
+            "effective_params": result.effective_params, "init_loss": result.init_loss,
+            "nbeta": result.nbeta, "healthy": d["healthy"], "rhat": finite(d["rhat"]),
+            "ess": finite(d["ess"]), "num_diverged": d["num_diverged"], "seconds": seconds}

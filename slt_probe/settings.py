@@ -1,0 +1,146 @@
+"""``EstimateSettings``: everything about an estimate except the model, the data and the loss.
+
+One frozen object that every entry point accepts (``estimate_llc``, ``LLCProbe``,
+``llc_trajectory``, ``calibrate``), so a user configures once; keyword arguments of those
+entry points are the short form and override its fields (``with_overrides``). Not here:
+running anything.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from .estimator import ESTIMATORS, LOSS_ON
+from .samplers import SGLD, Sampler, check_positive
+
+BACKENDS = ("native", "devinterp")
+
+
+def default_nbeta(num_examples: int) -> float:
+    """n / log n (β = 1/log n), the WBIC temperature.
+
+    >>> round(default_nbeta(1000), 2)
+    144.76
+    """
+    if num_examples < 2:
+        raise ValueError("nbeta = n/log n needs at least 2 examples; pass sampler nbeta=...")
+    return num_examples / math.log(num_examples)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    """How to estimate: sampler, chains, draws, data handling, checks.
+
+    Args:
+        sampler: a sampler such as ``SGLD(lr=1e-4, localization=100)``, or ``"auto"`` to
+            let ``slt_probe.calibrate`` choose ε, γ, the warm-up and the chains.
+        num_chains, num_draws, num_burnin: chains run in parallel, draws kept per chain,
+            steps discarded before the first draw.
+        batch_size: minibatch per chain and step.
+        seed: seed of the estimate's private random stream.
+        estimator: ``"control_variate"`` (nβ·(L_b(w_t) − L_b(w*)) on the same minibatch)
+            or ``"plain"`` (devinterp's nβ·(L_b(w_t) − L_n(w*))).
+        loss_on: ``"minibatch"`` or ``"full"`` (L_n on all data at every draw).
+        backend: ``"native"`` (batched chains) or ``"devinterp"`` (the reference library).
+        warmup_lr, num_warmup: steps at a coarser step size before the burn-in.
+        restrict_to: parameter names (or name → boolean mask) to sample; the rest stay
+            at w*.
+        calibration_grid: what ``sampler="auto"`` searches (a ``CalibrationGrid``).
+        compile: compile the batched gradient with ``torch.compile``.
+
+    Raises:
+        TypeError, ValueError: a field of the wrong type or out of range, named.
+
+    >>> s = EstimateSettings(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=8)
+    >>> s.with_overrides(num_draws=500).num_draws
+    500
+    """
+
+    sampler: Sampler | str = SGLD()
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin: int = 0
+    batch_size: int = 128
+    seed: int = 0
+    estimator: str = "control_variate"
+    loss_on: str = "minibatch"
+    backend: str = "native"
+    warmup_lr: float | None = None
+    num_warmup: int = 0
+    restrict_to: object = None
+    calibration_grid: object = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampler, str):
+            if self.sampler != "auto":
+                raise ValueError(f"sampler must be a slt_probe sampler or 'auto', got "
+                                 f"{self.sampler!r}")
+        elif not isinstance(self.sampler, Sampler):
+            raise TypeError("sampler must be a slt_probe sampler such as slt_probe.SGLD(...) "
+                            f"or 'auto'; got {type(self.sampler).__name__}")
+        for name, low in (("num_chains", 1), ("num_draws", 1), ("num_burnin", 0),
+                          ("batch_size", 1), ("num_warmup", 0)):
+            _check_int(name, getattr(self, name), low)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.warmup_lr is not None:
+            check_positive("warmup_lr", self.warmup_lr)
+        if self.num_warmup and self.warmup_lr is None:
+            raise ValueError("num_warmup > 0 needs warmup_lr (the warm-up's step size)")
+        if self.num_warmup and self.backend != "native":
+            raise ValueError("a warm-up (num_warmup > 0) runs on the native backend only")
+        if self.calibration_grid is not None and self.sampler != "auto":
+            raise ValueError("calibration_grid applies only to sampler='auto'")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
+
+    @property
+    def auto(self) -> bool:
+        return isinstance(self.sampler, str)
+
+    def with_overrides(self, **overrides) -> "EstimateSettings":
+        """A copy with the named fields replaced; an unknown name is a TypeError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {unknown}; EstimateSettings has {sorted(known)}")
+        return replace(self, **overrides) if overrides else self
+
+    def warmup_sampler(self) -> Sampler | None:
+        """The sampler with its step size replaced by ``warmup_lr`` (None without one)."""
+        return replace(self.sampler, lr=self.warmup_lr) if self.num_warmup else None
+
+    def to_dict(self) -> dict:
+        restrict = self.restrict_to
+        if isinstance(restrict, dict):
+            restrict = sorted(restrict)
+        elif restrict is not None:
+            restrict = sorted(restrict)
+        return {"sampler": self.sampler if self.auto else self.sampler.to_dict(),
+                "num_chains": self.num_chains, "num_draws": self.num_draws,
+                "num_burnin": self.num_burnin, "batch_size": self.batch_size,
+                "seed": self.seed, "estimator": self.estimator, "loss_on": self.loss_on,
+                "backend": self.backend, "warmup_lr": self.warmup_lr,
+                "num_warmup": self.num_warmup, "restrict_to": restrict,
+                "compile": self.compile}
+
+
+def resolve_settings(settings: EstimateSettings | None, overrides: dict) -> EstimateSettings:
+    """``settings`` (default ``EstimateSettings()``) with keyword overrides applied."""
+    if settings is not None and not isinstance(settings, EstimateSettings):
+        raise TypeError(f"settings must be an EstimateSettings, got {type(settings).__name__}")
+    return (settings or EstimateSettings()).with_overrides(**overrides)
