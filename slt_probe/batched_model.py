@@ -152,6 +152,31 @@ class BatchedModel:
                 total += batch.double() * len(xb)
         return total / len(x)
 
+    def full_gradient(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """∇L_n at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64)."""
+        total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
+        for start in range(0, len(x), _EVAL_CHUNK):
+            xb, yb = x[start:start + _EVAL_CHUNK], y[start:start + _EVAL_CHUNK]
+            leaves = {n: v.detach().requires_grad_() for n, v in self.views(w).items()}
+            with torch.enable_grad():
+                value = self.loss.per_example(self._forward(leaves, xb), yb).sum()
+                grads = torch.autograd.grad(value, [leaves[n] for n in self.names],
+                                            allow_unused=True)
+            total += torch.cat([torch.zeros(leaves[n].numel(), dtype=torch.float64,
+                                            device=w.device) if g is None
+                                else g.reshape(-1).double() for n, g in zip(self.names, grads)])
+        return total / len(x)
+
+    def output_sample(self, w: Tensor, x: Tensor) -> Tensor:
+        """The model's output on the first few examples at ``w`` (d,): its shape and dtype.
+        Raises a named TypeError when the data's dtype does not match the model's."""
+        if x.dtype.is_floating_point and x.dtype != self.dtype:
+            raise TypeError(f"the model's parameters are {self.dtype} but the data x is "
+                            f"{x.dtype}; convert one of them (e.g. x.to({self.dtype}) or "
+                            f"model.to({x.dtype}))")
+        with torch.no_grad():
+            return self._forward(self.views(w), x[:2])
+
     def per_example_losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Loss of every example at a single point ``w`` (d,), float64, shape (n,)."""
         out = []

@@ -1,45 +1,27 @@
-"""Automatic choice of the SGLD step ε, localisation γ, warm-up and burn-in, with the evidence.
+"""Automatic choice of the SGLD step ε, the localisation γ, the warm-up, burn-in and chains.
 
-λ̂ from SGLD has two errors that pull in opposite directions as ε shrinks: the step bias
-(about linear in ε; it includes the minibatch-gradient noise) and under-relaxation
-(chains start at w* and need *Langevin time* ε·t to spread along flat directions, so at a
-fixed number of steps a smaller ε reads λ̂ too low). A sweep at equal steps confounds the
-two, and MALA acceptance under minibatch gradients mostly measures gradient noise
-(``benchmarks/relaxation.py`` shows both on deep linear 5-5-5-5). So they are separated:
+Four stages, each returning a typed result (``docs/calibration.md`` explains why):
 
-1. stability: the largest ε of ``grid.lrs`` whose chains neither diverge nor read λ̂ ≤ 0
-   in a short probe.
-2. relaxation: chains run from w* at a step ε_w until they have covered Langevin time
-   ``grid.min_relax_time``/γ and λ̂ over the last doubling of the run is within
-   ``grid.tolerance`` of the doubling before. A larger ε_w covers more time per step,
-   but a much too hot one also shifts the slow directions (towards more singular
-   regions: measured on rrr 3-2-3), so ε_w is found in two passes: a hot warm-up one
-   grid value below the largest stable ε and a ladder (step 3) from it find the first
-   ε whose gap to 2ε is within ``grid.warmup_gap``; that is ε_w.
-3. step bias: from relaxed positions, chains run at ε_w, ε_w/2, ε_w/4, … for the same
-   number of steps with the same noise (common random numbers). The step bias is
-   about linear in ε, so the gap between λ̂ at 2ε and at ε estimates the bias left at
-   ε; the first ε whose gap is within ``grid.bias_tolerance`` is chosen.
+1. stability: the largest ε of ``grid.lrs`` whose chains do not diverge in a short probe
+   at the first γ; the sweep runs one grid value below it.
+2. locality: from γ = ``grid.start_localization`` chains relax (Langevin time
+   ``grid.relax_time``/γ, until λ̂ stops drifting) and their excess ratio is measured;
+   γ is weakened step by step while the chains stay local and relax within
+   ``grid.max_relax_steps``, strengthened if the first γ is not local. The chosen γ is
+   the weakest local one.
+3. step bias: from the relaxed positions, chains at ε, ε/2, … run the same steps with
+   the same noise; the first ε whose λ̂ is within ``grid.bias_tolerance`` of 2ε's is
+   chosen (the step bias is about linear in ε, so the gap is the bias left at ε).
+4. chains: the chosen level's spread across chains sets how many reach
+   ``grid.target_relative_sem``.
 
-The estimate warms up from w* at 2ε (the ladder level above ε: its bias was measured
-small) for the Langevin time the warm-up at ε_w needed, burns in at ε for as long as a
-ladder level settled, and draws at ε, with at least as many chains as the chosen level's
-spread across chains says reach ``grid.target_relative_sem``. γ is the weakest of
-``grid.localizations`` for which all three steps succeed within the step budget.
-
-The warm-up's Langevin time, 0.1/γ, is a tenth of the time scale 1/γ on which the
-localisation pulls flat directions back, so those are not fully relaxed, and a relaxed
-λ̂ is not the target either: at n = 50,000 it depends strongly on γ. Deep linear
-58-58-58-58 reads 0.65 λ at γ = 100 and 0.99 λ at γ = 10 (ε = 1.6e-6, ε·t = 1/γ), and
-at γ = 1 is above 1.4 λ and still climbing at ε·t = 0.2 (ε = 3.1e-6); rrr 5-4-5
-(r = 0, ε = 7.8e-6) reads 0.91 λ at γ = 10 and at γ = 1 is at 1.10 λ and still climbing
-at ε·t = 1 (``results/benchmarks/relaxation_localisation.txt``). Compare estimates at
-one γ.
-Not here: the estimate itself.
+The estimate then warms up from w* at 2ε for the Langevin time the sweep took to reach
+the chosen γ, burns in at ε and draws. Not here: the estimate itself (``engine``).
 """
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
@@ -49,14 +31,16 @@ from tqdm.auto import tqdm
 
 from .batched_model import BatchedModel
 from .data import as_tensors
+from .diagnostics import excess_ratio
 from .driver import ChainDriver
+from .engine import Point, measure_point
 from .estimator import llc_from_losses
 from .losses import resolve_loss
 from .samplers import SGLD
-from .settings import EstimateSettings, default_nbeta, resolve_settings
+from .settings import EstimateSettings, correction_applies, resolve_settings
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
-DEFAULT_LOCALIZATIONS = (1.0, 10.0, 100.0)
+DEFAULT_LOCALIZATIONS = (1e4, 3e3, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0)
 # MALA acceptance is read every this many steps of a ladder level (an extra forward each).
 _MALA_EVERY = 25
 
@@ -65,70 +49,79 @@ _MALA_EVERY = 25
 class CalibrationGrid:
     """What to search and how much sampling the search may spend.
 
-    lrs: candidate ε for the stability probe, which runs ``probe_steps`` steps at each.
-    localizations: γ, tried weakest first (weaker localisation biases λ̂ least).
-    min_relax_time: least Langevin time of the warm-up at γ = 1, divided by γ for
-        stronger localisation (which bounds how far chains spread). Measured on deep
-        linear 5-5-5-5: λ̂ climbs for ε·t ≈ 0.05-0.1 at γ = 1 (and more slowly after;
-        see the module docstring for why the warm-up stops short of 1/γ).
-    tolerance: relative change of λ̂ between the last two doublings of the warm-up that
-        still counts as relaxed (plus twice its standard error across chains).
-    level_steps: steps of each ladder level: the first half settles, the second half is
-        measured. Levels start from relaxed positions, so they need not cover equal
-        Langevin time: only the directions stiff enough to carry step bias must settle
-        to the new ε, and those settle within about 1/(ε·nβ·curvature) steps.
-    warmup_gap: the warm-up runs at the first ε (halving from the hot warm-up's) whose
-        gap to 2ε is within this.
-    bias_tolerance: largest gap between λ̂ at 2ε and at ε for which ε is accepted.
-        A gap is resolved when its standard error is at most half the tolerance; an
-        unresolved pair is lengthened (both levels doubled) up to ``max_lengthenings``
-        times, and then ε is accepted unless the gap is significantly (2 s.e.) above the
-        tolerance (noisy, slowly mixing problems such as a two-parameter monomial would
-        otherwise never resolve it).
-    max_steps: sampling budget per γ, in steps summed over all runs (one step advances
-        all ``num_chains`` chains).
-    target_relative_sem: standard error of λ̂, relative to λ̂, that the estimate should
-        reach. The chosen ladder level's spread across chains sets how many chains that
-        takes; ``apply`` raises ``num_chains`` to that, at most to ``max_chains``. ``None``
-        keeps the caller's chains. Chains, not draws, because chains are independent (the
-        standard error falls as 1/√chains exactly, while slowly mixing chains' means
-        converge more slowly than 1/√draws: measured on monomial w1 w2³) and they advance
-        together in one batched computation (16 → 64 chains costs 2.1× per step there).
-        Small λ is noisy relative to its size (monomial chains spread by about λ itself
-        over 2,000 draws), so there this decides accuracy.
+    Args:
+        lrs: candidate ε for the stability probe (``probe_steps`` steps each, largest
+            first).
+        localizations: candidate γ; the sweep walks them from ``start_localization``.
+        start_localization: the first γ tried.
+        num_chains: chains of every calibration run.
+        relax_time: Langevin time a relaxation at γ covers at least, in units of 1/γ
+            (the localisation pulls flat directions back on the time scale 2/γ).
+        min_steps: least steps of any relaxation.
+        tolerance: relative change of λ̂ between the last two doublings of a relaxation
+            that still counts as relaxed (plus twice its standard error).
+        max_relax_steps: a γ whose relaxation would need more steps than this at the
+            warm-up step ε_w is not tried: it bounds the warm-up of every estimate made
+            with the result.
+        max_excess_ratio: the locality limit (default: the settings' own).
+        level_steps: steps of each step-bias ladder level (half settle, half measured).
+        warmup_gap: the warm-up step ε_w is the first ε, halving from a hot relaxation,
+            whose λ̂ is within this of 2ε's: hot enough to relax flat directions in few
+            steps, not so hot that it shifts them.
+        bias_tolerance: largest gap between λ̂ at 2ε and at ε for which ε is accepted; an
+            unresolved gap (s.e. above half the tolerance) doubles both levels up to
+            ``max_lengthenings`` times and is then accepted unless significantly (2 s.e.)
+            above the tolerance.
+        max_steps: budget of the whole calibration in steps (one step advances all
+            chains); exceeding it is an error.
+        target_relative_sem: standard error of λ̂ relative to λ̂ the estimate should
+            reach (None: keep the caller's chains); ``max_chains`` caps the chains.
     """
 
     lrs: tuple[float, ...] = DEFAULT_LRS
     localizations: tuple[float, ...] = DEFAULT_LOCALIZATIONS
+    start_localization: float = 100.0
     num_chains: int = 8
-    probe_steps: int = 200
-    min_relax_time: float = 0.1
-    min_steps: int = 500
+    probe_steps: int = 100
+    relax_time: float = 1.0
+    min_steps: int = 200
     tolerance: float = 0.05
-    level_steps: int = 1000
-    bias_tolerance: float = 0.05
+    max_relax_steps: int = 20_000
+    max_excess_ratio: float | None = None
+    level_steps: int = 400
     warmup_gap: float = 0.25
-    max_lengthenings: int = 3
+    bias_tolerance: float = 0.05
+    max_lengthenings: int = 2
     max_steps: int = 150_000
     target_relative_sem: float | None = 0.03
-    max_chains: int = 256
+    max_chains: int = 64
 
     def __post_init__(self) -> None:
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             raise ValueError(f"lrs must be positive numbers, got {self.lrs}")
-        if not self.localizations or any(g < 0 for g in self.localizations):
-            raise ValueError(f"localizations must be >= 0, got {self.localizations}")
+        if not self.localizations or any(not (g > 0 and math.isfinite(g))
+                                         for g in self.localizations):
+            raise ValueError(f"localizations must be positive numbers, got "
+                             f"{self.localizations}")
+        if self.start_localization not in self.localizations:
+            raise ValueError(f"start_localization ({self.start_localization}) must be one of "
+                             f"localizations {self.localizations}")
         for name in ("tolerance", "bias_tolerance", "warmup_gap"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if not (self.min_relax_time >= 0 and math.isfinite(self.min_relax_time)):
-            raise ValueError(f"min_relax_time must be >= 0, got {self.min_relax_time}")
+        if not (self.relax_time > 0 and math.isfinite(self.relax_time)):
+            raise ValueError(f"relax_time must be > 0, got {self.relax_time}")
         if self.num_chains < 2:
             raise ValueError(f"num_chains must be >= 2 (standard errors need two chains), "
                              f"got {self.num_chains}")
         for name in ("probe_steps", "min_steps", "level_steps"):
             if getattr(self, name) < 8:
                 raise ValueError(f"{name} must be >= 8, got {getattr(self, name)}")
+        if self.max_relax_steps < self.min_steps:
+            raise ValueError(f"max_relax_steps ({self.max_relax_steps}) must be >= min_steps "
+                             f"({self.min_steps})")
+        if self.max_excess_ratio is not None and not self.max_excess_ratio > 0:
+            raise ValueError(f"max_excess_ratio must be > 0, got {self.max_excess_ratio}")
         if self.target_relative_sem is not None and not 0 < self.target_relative_sem < 1:
             raise ValueError(f"target_relative_sem must be in (0, 1) or None, got "
                              f"{self.target_relative_sem}")
@@ -139,17 +132,21 @@ class CalibrationGrid:
                              f"({self.min_steps})")
 
 
+class CalibrationError(RuntimeError):
+    """No setting passed the calibration; the message says which stage failed and why."""
+
+
 class _Chains:
     """Chains at one (ε, γ), started at ``start`` (default w*) and extended on demand;
-    keeps the per-step λ̂ of every chain."""
+    keeps per-step λ̂ and raw excess loss of every chain."""
 
     def __init__(self, driver: ChainDriver, max_steps: int, start=None):
         self.sampler: SGLD = driver.sampler
-        self.nbeta = driver.nbeta
         self.driver = driver
         self._records = driver.run(max_steps, 0, start=start, verbose=False,
                                    mala_samples=max(1, max_steps // _MALA_EVERY))
         self.llc: list[np.ndarray] = []
+        self.excess: list[np.ndarray] = []
         self.acceptance: list[np.ndarray] = []
         self.exhausted = False
 
@@ -174,7 +171,9 @@ class _Chains:
                     self.exhausted = True
                     break
                 self.llc.append(np.where(record.alive, llc_from_losses(
-                    self.nbeta, record.loss, record.reference), np.nan))
+                    self.driver.nbeta, record.loss, record.reference, record.correction),
+                    np.nan))
+                self.excess.append(record.loss - record.reference)
                 if record.acceptance is not None:
                     self.acceptance.append(record.acceptance)
 
@@ -184,6 +183,10 @@ class _Chains:
 
     def second_half(self) -> np.ndarray:
         return self.window(self.steps // 2, self.steps)
+
+    def mean_excess(self) -> float:
+        """Mean raw excess loss L(w_t) − L(w*) over the second half."""
+        return float(np.mean(self.excess[self.steps // 2:]))
 
     def mala_acceptance(self) -> float:
         values = np.asarray(self.acceptance)
@@ -198,10 +201,25 @@ def relative_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(mean a − mean b)/mean b from paired per-chain means, and its standard error.
 
     Pairing chains that share positions or noise cancels most of their common noise.
+
+    >>> relative_gap(np.array([1.1, 2.2]), np.array([1.0, 2.0]))[0]
+    0.1
     """
     level = float(b.mean())
     diff = a - b
     return float(diff.mean()) / level, float(diff.std(ddof=1) / math.sqrt(diff.size)) / level
+
+
+@dataclass
+class Stage:
+    """The outcome of one calibration stage: ``chains`` (or a ladder ``row``) on success,
+    else ``reason`` (``diverged``, ``budget``, ``not_local``, ``no_level``)."""
+
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+    chains: _Chains | None = None
+    row: dict | None = None
 
 
 @dataclass
@@ -221,6 +239,10 @@ class Calibration:
     # over chains that reach ``grid.target_relative_sem`` at that spread (0: no target).
     measured_draws: int = 0
     chain_draws_for_target: int = 0
+    excess_ratio: float | None = None
+    gradient_correction: bool = False
+    seconds: float = 0.0
+    steps: int = 0
 
     def chains_for(self, num_draws: int) -> int:
         """Chains that reach the target standard error with ``num_draws`` draws each, capped
@@ -235,36 +257,53 @@ class Calibration:
         """``settings`` with this sampler, warm-up and (at least this) burn-in, and at least
         the chains that reach the target standard error with its number of draws."""
         return replace(settings, sampler=self.sampler, calibration_grid=None,
-                       warmup_lr=self.warmup_lr,
-                       num_warmup=self.num_warmup,
+                       warmup_lr=self.warmup_lr, num_warmup=self.num_warmup,
                        num_burnin=max(settings.num_burnin, self.num_burnin),
                        num_chains=max(settings.num_chains, self.chains_for(settings.num_draws)))
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Calibration":
+        """The calibration ``to_dict`` wrote (a resumed run holds the same settings)."""
+        sampler = {k: v for k, v in record["sampler"].items() if k != "type"}
+        grid = {k: tuple(v) if isinstance(v, list) else v for k, v in record["grid"].items()}
+        return cls(sampler=SGLD(**sampler), warmup_lr=record["warmup_lr"],
+                   num_warmup=record["num_warmup"], num_burnin=record["num_burnin"],
+                   table=record["table"], reason=record["reason"], nbeta=record["nbeta"],
+                   grid=CalibrationGrid(**grid), measured_draws=record["measured_draws"],
+                   chain_draws_for_target=record["chain_draws_for_target"],
+                   excess_ratio=record.get("excess_ratio"),
+                   gradient_correction=record.get("gradient_correction", False),
+                   seconds=record.get("seconds", 0.0), steps=record.get("steps", 0))
 
     def to_dict(self) -> dict:
         return {"sampler": self.sampler.to_dict(), "warmup_lr": self.warmup_lr,
                 "num_warmup": self.num_warmup, "num_burnin": self.num_burnin,
                 "measured_draws": self.measured_draws,
                 "chain_draws_for_target": self.chain_draws_for_target,
+                "excess_ratio": self.excess_ratio,
+                "gradient_correction": self.gradient_correction,
+                "seconds": self.seconds, "steps": self.steps,
                 "reason": self.reason, "nbeta": self.nbeta, "grid": asdict(self.grid),
                 "table": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                            for k, v in row.items()} for row in self.table]}
 
 
 class _Search:
-    """One γ's search: probe, warm up, descend the ladder. Rows go to ``table``; all runs
-    share one step budget."""
+    """The stages; rows go to ``table``; all runs share one step budget."""
 
-    def __init__(self, make_driver, grid: CalibrationGrid, gamma: float, table: list, bar):
+    def __init__(self, make_driver, grid: CalibrationGrid, point: Point, nbeta: float,
+                 max_ratio: float, bar):
         self.make_driver = make_driver
         self.grid = grid
-        self.gamma = gamma
-        self.table = table
+        self.point = point
+        self.nbeta = nbeta
+        self.max_ratio = max_ratio
         self.bar = bar
+        self.table: list[dict] = []
         self.spent = 0
-        self.warmup: _Chains | None = None
 
-    def chains(self, lr: float, start=None, seed_offset: int = 0) -> _Chains:
-        return _Chains(self.make_driver(lr, self.gamma, seed_offset), self.grid.max_steps,
+    def chains(self, lr: float, gamma: float, start=None, seed_offset: int = 0) -> _Chains:
+        return _Chains(self.make_driver(lr, gamma, seed_offset), self.grid.max_steps,
                        start=start)
 
     def extend(self, chains: _Chains, steps: int) -> bool:
@@ -279,213 +318,293 @@ class _Search:
         self.bar.update(need)
         return True
 
+    def ratio(self, chains: _Chains) -> float | None:
+        return excess_ratio(chains.mean_excess(), self.point.init_loss,
+                            self.point.reference_loss)[0]
+
     def row(self, chains: _Chains, stage: str, **extra) -> dict:
         level, sem = (_mean_sem(chains.second_half()) if chains.healthy and chains.steps > 1
                       else (math.nan, math.nan))
-        row = {"lr": chains.sampler.lr, "localization": self.gamma, "stage": stage,
-               "steps": chains.steps, "langevin_time": chains.langevin_time,
-               "llc_mean": level, "llc_sem": sem, "mala_acceptance": chains.mala_acceptance(),
+        ratio = self.ratio(chains) if chains.healthy and chains.steps > 1 else None
+        row = {"lr": chains.sampler.lr, "localization": chains.sampler.localization,
+               "stage": stage, "steps": chains.steps, "langevin_time": chains.langevin_time,
+               "llc_mean": level, "llc_sem": sem, "excess_ratio": ratio,
+               "mala_acceptance": chains.mala_acceptance(),
                "num_diverged": int(chains.driver.diverged.sum()), "chosen": False, **extra}
         self.table.append(row)
         return row
 
-    def fail(self, why: str) -> tuple[None, str]:
-        return None, f"γ = {self.gamma:g}: {why}"
-
-    def stable_lrs(self) -> list[float]:
-        """Grid ε from the largest that passed the probe down (empty if none did)."""
-        lrs = sorted(self.grid.lrs, reverse=True)
-        for i, lr in enumerate(lrs):
-            probe = self.chains(lr)
+    # -- stage 1 ----------------------------------------------------------------------
+    def stable_lr(self) -> Stage:
+        """The largest grid ε whose chains survive ``probe_steps`` at the first γ."""
+        gamma = self.grid.start_localization
+        for lr in sorted(self.grid.lrs, reverse=True):
+            if lr * gamma > 1:  # the pull alone would move chains past w*
+                continue
+            probe = self.chains(lr, gamma)
             if not self.extend(probe, self.grid.probe_steps):
-                return []
-            row = self.row(probe, "probe")
-            if probe.healthy and row["llc_mean"] > 0:
-                return lrs[i:]
-        return []
+                return Stage(False, "budget", "the stability probe exhausted the step budget")
+            self.row(probe, "probe")
+            if probe.healthy:
+                return Stage(True, row={"lr": lr})
+        return Stage(False, "diverged", f"every ε of the grid diverged within "
+                                        f"{self.grid.probe_steps} steps")
 
-    def relax(self, lr: float, stage: str) -> tuple[_Chains | None, str]:
-        """Run from w* at ``lr`` until relaxed; (chains, "") or (None, why not)."""
+    # -- stage 2 ----------------------------------------------------------------------
+    def relax(self, lr: float, gamma: float, start, stage: str = "locality",
+              check_locality: bool = True) -> Stage:
+        """Run at (ε, γ) from ``start`` until relaxed: covered ``relax_time``/γ and λ̂ over
+        the last doubling within ``tolerance`` of the one before; fail early once the
+        chains are not local (relaxing further only spreads them more)."""
         grid = self.grid
-        min_time = grid.min_relax_time / max(self.gamma, 1.0)
-        need = max(grid.min_steps, math.ceil(min_time / lr))
-        if self.spent + need > grid.max_steps:
-            return None, (f"the {stage} at ε = {lr:.3g} would need {need} steps to reach "
-                          f"ε·t = {min_time:.3g}, over the step budget ({grid.max_steps}, "
-                          f"{self.spent} spent)")
-        chains = self.chains(lr)
+        lr = min(lr, 1.0 / gamma)  # a strong pull needs a step that does not overshoot w*
+        need = max(grid.min_steps, math.ceil(grid.relax_time / (gamma * lr)))
+        if need > grid.max_relax_steps:
+            return Stage(False, "budget", f"relaxing at γ = {gamma:g} would take {need:,} "
+                                          f"steps at ε = {lr:.3g}, over max_relax_steps "
+                                          f"({grid.max_relax_steps:,})")
+        chains = self.chains(lr, gamma, start)
         steps = grid.min_steps
         while True:
-            if not self.extend(chains, steps):
-                return None, (f"the {stage} at ε = {lr:.3g} did not relax within the step "
-                              f"budget ({grid.max_steps}; reached ε·t = "
-                              f"{chains.langevin_time:.3g})")
+            if steps > grid.max_relax_steps or not self.extend(chains, steps):
+                self.row(chains, stage, relaxed=False)
+                return Stage(False, "budget", f"λ̂ at γ = {gamma:g} still drifted after "
+                                              f"{chains.steps:,} steps", chains=chains)
             if not chains.healthy:
-                self.row(chains, stage)
-                return None, f"chains diverged during the {stage} at ε = {lr:.3g}"
+                self.row(chains, stage, relaxed=False)
+                return Stage(False, "diverged", f"chains diverged at γ = {gamma:g}, "
+                                                f"ε = {lr:.3g}", chains=chains)
+            ratio = self.ratio(chains) if check_locality else None
+            if ratio is not None and ratio > self.max_ratio:
+                self.row(chains, stage, relaxed=False)
+                return Stage(False, "not_local", f"at γ = {gamma:g} the chains gave back "
+                                                 f"{ratio:.0%} of the loss gap (limit "
+                                                 f"{self.max_ratio:.0%})", chains=chains)
             level = chains.second_half()
             drift, drift_sem = relative_gap(level, chains.window(steps // 4, steps // 2))
-            if (chains.langevin_time >= min_time and level.mean() > 0
-                    and abs(drift) <= grid.tolerance + 2 * drift_sem):
-                self.row(chains, stage, drift=drift, drift_sem=drift_sem)
-                return chains, ""
+            if steps >= need and abs(drift) <= grid.tolerance + 2 * drift_sem:
+                self.row(chains, stage, relaxed=True, drift=drift)
+                return Stage(True, chains=chains)
             steps *= 2
 
-    def descend(self, relaxed: _Chains, tolerance: float, stage: str
-                ) -> tuple[dict | None, str]:
+    def sweep(self, lr: float, first: Stage) -> tuple[Stage, list[str], float]:
+        """Walk γ from ``start_localization`` (whose relaxed chains at ε = ``lr`` are
+        ``first``): weaker while the chains stay local and relax in time; if the first γ
+        is not local, stronger until one is. Returns (the weakest passing stage, why the
+        others failed, the Langevin time from w* to reach it)."""
+        order = sorted(self.grid.localizations, reverse=True)  # strongest first
+        index = order.index(self.grid.start_localization)
+        step = 1  # towards weaker γ
+        notes: list[str] = []
+        start, best, time_to_best, elapsed = None, None, 0.0, 0.0
+        while 0 <= index < len(order):
+            if first is not None:
+                stage, first = self.judge(first.chains), None
+            else:
+                stage = self.relax(lr, order[index], start)
+            if stage.ok:
+                elapsed += stage.chains.langevin_time
+                best, time_to_best = stage, elapsed
+                if step < 0:  # a weaker γ already failed
+                    break
+                start = stage.chains.driver.positions.clone()
+                index += step
+                continue
+            notes.append(stage.detail)
+            if best is not None:
+                break
+            step, index, start, elapsed = -1, index - 1, None, 0.0  # stronger, from w*
+        if best is None:
+            return Stage(False, "not_local", "; ".join(notes)), notes, 0.0
+        return best, notes, time_to_best
+
+    def judge(self, chains: _Chains) -> Stage:
+        """Locality of chains that are already relaxed."""
+        ratio = self.ratio(chains)
+        if ratio is not None and ratio > self.max_ratio:
+            self.row(chains, "locality", relaxed=True)
+            return Stage(False, "not_local", f"at γ = {chains.sampler.localization:g} the "
+                                             f"chains gave back {ratio:.0%} of the loss gap "
+                                             f"(limit {self.max_ratio:.0%})", chains=chains)
+        self.row(chains, "locality", relaxed=True)
+        return Stage(True, chains=chains)
+
+    # -- stage 3 ----------------------------------------------------------------------
+    def descend(self, relaxed: _Chains, tolerance: float, stage: str) -> Stage:
         """Halve ε from ``relaxed``'s step, every level starting at its positions with the
         same noise and running the same number of steps, until λ̂ at 2ε and at ε agree
-        within ``tolerance``; (row of that ε, "") or (None, why not)."""
+        within ``tolerance``. A level whose chains diverge is dropped (its ε is too
+        large) and the descent goes on below it."""
         grid = self.grid
-        # Snapshot now: drivers are generators and copy their start only on first use.
+        gamma = relaxed.sampler.localization
         start = relaxed.driver.positions.clone()
         lr = relaxed.sampler.lr
-        larger = self.chains(lr, start, seed_offset=1)
+        larger = None
         level_steps = grid.level_steps
-        if not self.extend(larger, level_steps) or not larger.healthy:
-            return None, (f"the first {stage} level at ε = {lr:.3g} "
-                          + ("diverged" if larger.steps else "did not fit the budget"))
-        self.row(larger, stage)
-        lr /= 2
         while lr >= min(grid.lrs) / 2:
-            smaller = self.chains(lr, start, seed_offset=1)
+            smaller = self.chains(lr, gamma, start, seed_offset=1)
             while True:
-                if not (self.extend(larger, level_steps) and self.extend(smaller, level_steps)):
-                    return None, (f"the step budget ({grid.max_steps}) ran out on the "
-                                  f"{stage} at ε = {lr:.3g}")
-                if not (larger.healthy and smaller.healthy):
-                    return None, f"chains diverged on the {stage} at ε = {lr:.3g}"
+                if not ((larger is None or self.extend(larger, level_steps))
+                        and self.extend(smaller, level_steps)):
+                    return Stage(False, "budget", f"the step budget ({grid.max_steps:,}) ran "
+                                                  f"out on the ladder at ε = {lr:.3g}")
+                if larger is not None and not larger.healthy:
+                    larger = None  # diverged: this pair cannot be compared
+                if not smaller.healthy or larger is None:
+                    break
                 gap, gap_sem = relative_gap(larger.second_half(), smaller.second_half())
                 resolved = gap_sem <= tolerance / 2
                 if (abs(gap) - 2 * gap_sem > tolerance or resolved
                         or level_steps >= grid.level_steps * 2 ** grid.max_lengthenings):
                     break
                 level_steps *= 2  # unresolved: lengthen both levels
+            if not smaller.healthy:
+                self.row(smaller, stage)
+                larger, lr = None, lr / 2
+                continue
+            if larger is None:
+                self.row(smaller, stage)
+                larger, lr = smaller, lr / 2
+                continue
             row = self.row(smaller, stage, gap_to_double_lr=gap, gap_sem=gap_sem,
                            resolved=resolved)
-            # An unresolved gap that is not significantly above the tolerance is accepted:
-            # the step bias is then below what the chains can measure.
-            if abs(gap) <= tolerance or (not resolved and abs(gap) - 2 * gap_sem <= tolerance):
-                return row, ""
+            if abs(gap) <= tolerance or (
+                    not resolved and abs(gap) - 2 * gap_sem <= tolerance):
+                return Stage(True, row=row, chains=smaller)
             larger, lr = smaller, lr / 2
-        return None, (f"on the {stage}, λ̂ still changes by more than {tolerance:.0%} per "
-                      f"halving of ε at the grid's smallest ε ({min(grid.lrs):.3g})")
+        return Stage(False, "no_level", f"λ̂ still changes by more than "
+                                        f"{tolerance:.0%} per halving of ε at the "
+                                        f"grid's smallest ε ({min(grid.lrs):.3g})")
 
     def chain_draws_for_target(self, level: dict) -> int:
-        """Draws summed over chains for the target standard error, from ``level``'s spread
-        of per-chain means over its measured half."""
         target = self.grid.target_relative_sem
-        if target is None:
+        if target is None or not level["llc_mean"]:
             return 0
         relative_sem = level["llc_sem"] / abs(level["llc_mean"])
         return math.ceil(self.grid.num_chains * level["measured_draws"]
                          * (relative_sem / target) ** 2)
-
-    def run(self) -> tuple[dict | None, str]:
-        grid = self.grid
-        lrs = self.stable_lrs()
-        if len(lrs) < 2:
-            return self.fail(f"every ε of the grid (but at most the smallest) diverged or "
-                             f"read λ̂ ≤ 0 within {grid.probe_steps} steps")
-        for lr in lrs[1:]:  # one grid value below the largest stable ε
-            hot, why = self.relax(lr, "hot warm-up")
-            if hot is not None:
-                break
-            if "diverged" not in why:
-                return self.fail(why)
-        else:
-            return self.fail("every hot warm-up diverged")
-        # A warm-up much hotter than the target also shifts the slow directions (towards
-        # more singular regions; measured on rrr 3-2-3), so the warm-up proper runs at the
-        # first ε whose step bias is moderate.
-        moderate, why = self.descend(hot, grid.warmup_gap, "hot ladder")
-        if moderate is None:
-            return self.fail(why)
-        self.warmup, why = self.relax(moderate["lr"], "warm-up")
-        if self.warmup is None:
-            return self.fail(why)
-        chosen, why = self.descend(self.warmup, grid.bias_tolerance, "ladder")
-        if chosen is None:
-            return self.fail(why)
-        chosen["chosen"] = True
-        chosen["burnin_steps"] = chosen["steps"] // 2
-        # The estimate warms up at 2ε, the ladder level just above: its step bias was
-        # measured small, so it barely shifts the slow directions, and it covers the
-        # warm-up's Langevin time in half the steps of ε itself.
-        chosen["warmup_lr"] = 2 * chosen["lr"]
-        chosen["warmup_steps"] = math.ceil(self.warmup.langevin_time / chosen["warmup_lr"])
-        chosen["measured_draws"] = chosen["steps"] - chosen["steps"] // 2
-        chosen["chain_draws_for_target"] = self.chain_draws_for_target(chosen)
-        resolved = chosen["resolved"]
-        return chosen, (
-            f"λ̂ at ε = {chosen['lr']:.3g} and at 2ε agree within {grid.bias_tolerance:.0%} "
-            f"(gap {chosen['gap_to_double_lr']:+.1%} ± {chosen['gap_sem']:.1%}"
-            f"{'' if resolved else '; not resolved at the longest level, and not '}"
-            f"{'' if resolved else 'significantly above the tolerance'}), both run from "
-            f"positions relaxed by a warm-up at ε = {self.warmup.sampler.lr:.3g} to ε·t = "
-            f"{self.warmup.langevin_time:.3g} (the first ε whose gap to 2ε was within "
-            f"{grid.warmup_gap:.0%} after a hot warm-up at ε = {hot.sampler.lr:.3g}); the "
-            "step bias is about linear in ε, so the gap estimates the bias left at ε. The "
-            f"estimate warms up at 2ε for the same Langevin time. "
-            f"γ = {self.gamma:g}, the weakest localisation for which all this fit the budget"
-            + ("" if grid.target_relative_sem is None else
-               f". The spread of its chains' means over {chosen['measured_draws']:,} draws "
-               f"puts a {grid.target_relative_sem:.0%} standard error at "
-               f"{math.ceil(chosen['chain_draws_for_target'] / chosen['measured_draws'])} "
-               "chains"))
 
 
 def calibrate(model, data, settings: EstimateSettings | None = None, *,
               loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
               verbose: bool = True, batched: BatchedModel | None = None,
               **overrides) -> Calibration:
-    """Choose ε, γ, the warm-up and the burn-in for SGLD at the model's weights (see the
-    module docstring). ``Calibration.apply(settings)`` puts the choice into
-    ``EstimateSettings``; ``estimate_llc(sampler="auto")`` and ``LLCProbe`` do so.
+    """Choose ε, γ, the warm-up, burn-in and chains for SGLD at the model's weights.
 
-    ``settings`` supplies the batch size, seed, estimator and weight restriction
-    (default ``EstimateSettings()``); ``grid`` defaults to ``settings.calibration_grid``.
+    Args:
+        model: the model at w*.
+        data: as for ``estimate_llc``.
+        settings: supplies the batch size, seed, estimator, weight restriction, gradient
+            correction, nβ (the sampler's, when it is a sampler) and the locality limit;
+            keyword ``**overrides`` replace its fields.
+        loss_fn: as for ``estimate_llc``.
+        grid: what to search (default ``settings.calibration_grid`` or
+            ``CalibrationGrid()``).
+        verbose: a progress bar with the step budget as its total.
+        batched: an already-built ``BatchedModel`` of ``model`` to reuse.
+
+    Returns:
+        A ``Calibration``; ``Calibration.apply(settings)`` puts it into settings.
+
+    Raises:
+        CalibrationError: no γ keeps the chains local, or no ε is stable, or the budget ran
+            out; the message names the stage.
+
     The model, its gradients and the global RNG are untouched (as for ``estimate_llc``).
     """
+    started = time.perf_counter()
     settings = resolve_settings(settings, overrides)
     grid = grid or settings.calibration_grid or CalibrationGrid()
+    max_ratio = grid.max_excess_ratio or settings.max_excess_ratio
     x, y = as_tensors(data)
-    stacked = batched or BatchedModel(model, resolve_loss(loss_fn))
-    x, y = x.to(stacked.device), y.to(stacked.device)
-    w_star = stacked.load_point(model.state_dict())
-    star_losses = stacked.per_example_losses(w_star, x, y)
-    mask = stacked.layout.mask(settings.restrict_to)
-    nbeta = (settings.sampler.nbeta if not settings.auto and settings.sampler.nbeta is not None
-             else default_nbeta(len(x)))
-    batch_size, seed, estimator = settings.batch_size, settings.seed, settings.estimator
+    batched = batched or BatchedModel(model, resolve_loss(loss_fn))
+    x, y = x.to(batched.device), y.to(batched.device)
+    w_star = batched.load_point(model.state_dict())
+    point = measure_point(batched, w_star, x, y, settings)
+    nbeta, nbeta_source = settings.resolve_nbeta(len(x))
+    # the chosen sampler carries nβ only where the caller set it, so an estimate records
+    # where nβ came from (and a default n/log n follows the data it is applied to)
+    sampler_nbeta = nbeta if nbeta_source == "sampler" else None
+    norm_sq = point.gradient_norm_sq()
 
     def make_driver(lr: float, gamma: float, seed_offset: int) -> ChainDriver:
-        generator = torch.Generator(device=stacked.device).manual_seed(seed * 1000 + seed_offset)
-        return ChainDriver(stacked, x, y, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
-                           nbeta=nbeta, w_star=w_star, star_losses=star_losses, mask=mask,
-                           num_chains=grid.num_chains, batch_size=batch_size,
-                           estimator=estimator, loss_on="minibatch", generator=generator)
+        generator = torch.Generator(device=batched.device).manual_seed(
+            settings.seed * 1000 + seed_offset)
+        corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta, gamma)
+        return ChainDriver(batched, x, y, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
+                           nbeta=nbeta, w_star=w_star, star_losses=point.star_losses,
+                           mask=point.mask, num_chains=grid.num_chains,
+                           batch_size=settings.batch_size, estimator=settings.estimator,
+                           loss_on="minibatch", generator=generator,
+                           gradient=point.gradient if corrected else None)
 
-    table: list[dict] = []
-    reasons = []
-    best = search = None
-    bar = tqdm(total=None, desc="calibrating", unit="step", disable=not verbose, leave=False)
-    for gamma in sorted(grid.localizations):
-        search = _Search(make_driver, grid, gamma, table, bar)
-        best, reason = search.run()
-        reasons.append(reason)
-        if best is not None:
-            break
-    bar.close()
-    if best is None:
-        raise RuntimeError("calibration failed: " + "; ".join(reasons) + ". Check that the "
-                           "model is at a trained minimum, or widen the grid")
-    warmup = search.warmup
-    return Calibration(sampler=SGLD(lr=best["lr"], localization=best["localization"],
-                                    nbeta=nbeta),
-                       warmup_lr=best["warmup_lr"], num_warmup=best["warmup_steps"],
-                       num_burnin=best["burnin_steps"], table=table, reason="; ".join(reasons),
-                       nbeta=nbeta, grid=grid,
-                       measured_draws=best["measured_draws"],
-                       chain_draws_for_target=best["chain_draws_for_target"],
-                       traces={"warmup": np.asarray(warmup.llc), "warmup_lr": warmup.sampler.lr})
+    bar = tqdm(total=grid.max_steps, desc="calibrating (steps, at most)", unit="step",
+               disable=not verbose, leave=False)
+    search = _Search(make_driver, grid, point, nbeta, max_ratio, bar)
+    try:
+        stable = search.stable_lr()
+        if not stable.ok:
+            raise CalibrationError(f"calibration failed at the stability probe: {stable.detail}")
+        lrs = sorted(grid.lrs, reverse=True)
+        hot_lr = lrs[min(lrs.index(stable.row["lr"]) + 1, len(lrs) - 1)]  # a notch below
+        hot = search.relax(hot_lr, grid.start_localization, None, stage="hot relaxation",
+                           check_locality=False)
+        if not hot.ok:
+            raise CalibrationError(f"calibration failed relaxing at ε = {hot_lr:.3g}: "
+                                   f"{hot.detail}")
+        moderate = search.descend(hot.chains, grid.warmup_gap, "hot ladder")
+        if not moderate.ok:
+            raise CalibrationError(f"calibration failed finding a warm-up step: "
+                                   f"{moderate.detail}")
+        warmup_lr = moderate.row["lr"]
+        local, notes, sweep_time = search.sweep(warmup_lr, moderate)
+        if not local.ok:
+            raise CalibrationError(
+                "calibration failed: no localisation γ of the grid keeps the chains near w* ("
+                + local.detail + "); w* may not be a trained point, or widen "
+                "CalibrationGrid.localizations")
+        gamma = local.chains.sampler.localization
+        for row in search.table:
+            if row["stage"] == "locality" and row["localization"] == gamma and row.get("relaxed"):
+                row["chosen"] = True
+        ladder = search.descend(local.chains, grid.bias_tolerance, "ladder")
+        if not ladder.ok:
+            raise CalibrationError(f"calibration failed on the step-bias ladder at γ = "
+                                   f"{gamma:g}: {ladder.detail}")
+    finally:
+        bar.close()
+    chosen = ladder.row
+    chosen["chosen"] = True
+    lr = chosen["lr"]
+    chosen["measured_draws"] = chosen["steps"] - chosen["steps"] // 2
+    draws_for_target = search.chain_draws_for_target(chosen)
+    ratio = search.ratio(ladder.chains)
+    warmup_lr = min(warmup_lr, local.chains.sampler.lr)
+    warmup_steps = math.ceil(sweep_time / warmup_lr)
+    weaker = [g for g in grid.localizations if g < gamma]
+    why_not_weaker = (f"the next weaker γ failed: {notes[-1]}" if notes and weaker
+                      else "it is the weakest on the grid")
+    reason = (f"γ = {gamma:g}: the weakest localisation of the grid whose chains stayed local "
+              f"(excess ratio {ratio:.3g} ≤ {max_ratio:g} at the chosen ε)"
+              if ratio is not None else
+              f"γ = {gamma:g}: the weakest localisation of the grid that relaxed (locality "
+              "cannot be judged against the constant predictor here)")
+    agreement = (f"agree within {grid.bias_tolerance:.0%} (gap "
+                 f"{chosen['gap_to_double_lr']:+.1%} ± {chosen['gap_sem']:.1%})"
+                 if abs(chosen["gap_to_double_lr"]) <= grid.bias_tolerance else
+                 f"differ by {chosen['gap_to_double_lr']:+.1%} ± {chosen['gap_sem']:.1%}, not "
+                 f"significantly more than {grid.bias_tolerance:.0%} at the longest level")
+    reason += (f"; {why_not_weaker}. ε = {lr:.3g}: λ̂ at ε and 2ε {agreement}, "
+               f"from positions relaxed at ε_w = {warmup_lr:.3g}, the "
+               f"first ε within {grid.warmup_gap:.0%} of 2ε's λ̂ after a hot relaxation at "
+               f"{hot_lr:.3g}. The estimate warms up at ε_w for ε·t = {sweep_time:.3g} "
+               f"({warmup_steps:,} steps)")
+    return Calibration(
+        sampler=SGLD(lr=lr, localization=gamma, nbeta=sampler_nbeta), warmup_lr=warmup_lr,
+        num_warmup=warmup_steps, num_burnin=chosen["steps"] // 2, table=search.table,
+        reason=reason, nbeta=nbeta, grid=grid, measured_draws=chosen["measured_draws"],
+        chain_draws_for_target=draws_for_target, excess_ratio=ratio,
+        gradient_correction=correction_applies(settings.gradient_correction, norm_sq, nbeta,
+                                               gamma),
+        seconds=time.perf_counter() - started, steps=search.spent,
+        traces={"warmup": np.asarray(local.chains.llc), "warmup_lr": warmup_lr})

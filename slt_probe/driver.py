@@ -30,7 +30,7 @@ class ChainDriver:
     def __init__(self, model: BatchedModel, x: Tensor, y: Tensor, *, sampler: Sampler,
                  nbeta: float, w_star: Tensor, star_losses: Tensor, mask: Tensor | None,
                  num_chains: int, batch_size: int, estimator: str, loss_on: str,
-                 generator: torch.Generator):
+                 generator: torch.Generator, gradient: Tensor | None = None):
         self.model = model
         self.x, self.y = x, y
         self.sampler = sampler
@@ -44,6 +44,13 @@ class ChainDriver:
         self.estimator = estimator
         self.loss_on = loss_on
         self.generator = generator
+        # g = ∇L_n(w*) when the first-order correction is on: chains then sample
+        # L(w) − g·(w − w*), whose gradient is ∇L(w) − g.
+        self.gradient = None
+        if gradient is not None:
+            self.gradient = gradient.to(model.device, model.dtype)
+            if mask is not None:
+                self.gradient = self.gradient * mask
         active = int(mask.sum()) if mask is not None else model.dim
         self.divergence_threshold = DIVERGENCE_FACTOR * max(active, 1)
         self.diverged = np.zeros(num_chains, dtype=bool)
@@ -85,6 +92,8 @@ class ChainDriver:
                 losses = losses.detach()
                 if self.mask is not None:
                     grads.mul_(self.mask)
+                if self.gradient is not None:
+                    grads.sub_(self.gradient)
                 if self.estimator == "control_variate":
                     reference = self.star_losses[idx].mean(dim=1)
                 else:
@@ -103,7 +112,8 @@ class ChainDriver:
                 if step >= num_burnin:
                     yield DrawRecord(step=step, loss=recorded.double().cpu().numpy(),
                                      reference=reference.double().cpu().numpy(),
-                                     alive=~self.diverged.copy(), acceptance=acceptance)
+                                     alive=~self.diverged.copy(), acceptance=acceptance,
+                                     correction=self._linear_term(state.w))
                 torch.randn(noise.shape, generator=self.generator, out=noise)
                 if self.mask is not None:
                     noise.mul_(self.mask)
@@ -113,6 +123,12 @@ class ChainDriver:
                 state = kernel.step(state, grads, noise, w_star=self.w_star, nbeta=self.nbeta)
                 self.positions = state.w
                 bar.update(1)
+
+    def _linear_term(self, w: Tensor) -> np.ndarray | None:
+        """g·(w − w*) per chain (None without the gradient correction)."""
+        if self.gradient is None:
+            return None
+        return ((w - self.w_star) @ self.gradient).double().cpu().numpy()
 
     def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,
                          xb: Tensor, yb: Tensor) -> np.ndarray:
@@ -124,6 +140,8 @@ class ChainDriver:
         """
         w_old, noise_sq = pending
         loss_change = losses.double() - self.model.losses(w_old, xb, yb).double()
+        if self.gradient is not None:  # the corrected potential is what the chains sample
+            loss_change -= ((w_new - w_old) @ self.gradient).double()
         log_alpha = self.sampler.log_acceptance(w_old, w_new, noise_sq, grads, loss_change,
                                                 w_star=self.w_star, nbeta=self.nbeta)
         accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()

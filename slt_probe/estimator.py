@@ -1,7 +1,8 @@
 """The LLC estimator: per-draw records in, an ``LLCResult`` out.
 
-``llc_from_losses`` is the one place the formula λ̂ = nβ·(E[L] − L*) lives; the
-accumulator and the devinterp backend both call it. Not here: sampling or batching.
+``llc_from_losses`` is the one place the formula λ̂ = nβ·(E[L] − L*) lives (with the
+first-order term g·(w − w*) subtracted when the gradient correction is on); the
+accumulator and the calibration both call it. Not here: sampling or batching.
 """
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ ESTIMATORS = ("control_variate", "plain")
 LOSS_ON = ("minibatch", "full")
 
 
-def llc_from_losses(nbeta: float, losses, reference) -> np.ndarray:
-    """λ̂ terms nβ·(L(w_t) − L_ref); ``reference`` is L_n(w*) or, per draw, L_b(w*)."""
-    return nbeta * (np.asarray(losses, dtype=float) - np.asarray(reference, dtype=float))
+def llc_from_losses(nbeta: float, losses, reference, correction=None) -> np.ndarray:
+    """λ̂ terms nβ·(L(w_t) − L_ref − g·(w_t − w*)); ``reference`` is L_n(w*) or, per draw,
+    L_b(w*); ``correction`` is g·(w_t − w*) (None: no gradient correction).
+
+    >>> llc_from_losses(10.0, [1.5, 2.0], [1.0, 1.0]).tolist()
+    [5.0, 10.0]
+    """
+    terms = np.asarray(losses, dtype=float) - np.asarray(reference, dtype=float)
+    if correction is not None:
+        terms = terms - np.asarray(correction, dtype=float)
+    return nbeta * terms
 
 
 @dataclass
@@ -32,22 +41,39 @@ class DrawRecord:
     reference: np.ndarray  # (chains,) L_b(w*) on the same minibatch, or L_n(w*)
     alive: np.ndarray  # (chains,) bool: chain has not diverged
     acceptance: np.ndarray | None = None  # (chains,) MALA acceptance of the last proposal
+    correction: np.ndarray | None = None  # (chains,) g·(w_t − w*) when the correction is on
 
 
 class LLCAccumulator:
-    """torchmetrics-style ``update``/``compute`` over draws."""
+    """torchmetrics-style ``update``/``compute`` over draws.
 
-    def __init__(self, num_chains: int, num_draws: int, nbeta: float, init_loss: float):
+    Args:
+        num_chains, num_draws: the shape of the traces.
+        nbeta: nβ, the same the sampler used.
+        init_loss: L_n(w*).
+        reference_loss: the best constant predictor's loss (for the excess ratio).
+        max_excess_ratio: the locality limit of the verdict.
+        corrected: whether draws carry the gradient correction g·(w_t − w*).
+    """
+
+    def __init__(self, num_chains: int, num_draws: int, nbeta: float, init_loss: float, *,
+                 reference_loss: float | None = None, max_excess_ratio: float = 0.25,
+                 corrected: bool = False):
         self.nbeta = nbeta
         self.init_loss = init_loss
+        self.reference_loss = reference_loss
+        self.max_excess_ratio = max_excess_ratio
+        self.corrected = corrected
         self.loss = np.full((num_chains, num_draws), np.nan)
         self.reference = np.full((num_chains, num_draws), np.nan)
+        self.correction = np.zeros((num_chains, num_draws))
         self.acceptance: list[np.ndarray] = []
         self.count = 0
 
     def reset(self) -> None:
         self.loss[:] = np.nan
         self.reference[:] = np.nan
+        self.correction[:] = 0.0
         self.acceptance = []
         self.count = 0
 
@@ -55,6 +81,8 @@ class LLCAccumulator:
         i = self.count
         self.loss[:, i] = np.where(record.alive, record.loss, np.nan)
         self.reference[:, i] = np.where(record.alive, record.reference, np.nan)
+        if record.correction is not None:
+            self.correction[:, i] = record.correction
         if record.acceptance is not None:
             self.acceptance.append(np.asarray(record.acceptance, dtype=float))
         self.count += 1
@@ -62,7 +90,7 @@ class LLCAccumulator:
     def compute(self, *, diverged: np.ndarray, diverged_at: list, config: dict) -> "LLCResult":
         loss = self.loss[:, :self.count]
         reference = self.reference[:, :self.count]
-        llc_trace = llc_from_losses(self.nbeta, loss, reference)
+        llc_trace = llc_from_losses(self.nbeta, loss, reference, self.correction[:, :self.count])
         alive = ~np.asarray(diverged, dtype=bool)
         if not alive.any():
             raise RuntimeError(
@@ -76,7 +104,9 @@ class LLCAccumulator:
                           "from the estimate; consider a smaller lr", RuntimeWarning, stacklevel=3)
         kept = per_chain[alive]
         acceptance = np.stack(self.acceptance) if self.acceptance else None
-        diagnostics = diagnose(llc_trace, loss, reference, ~alive, diverged_at, acceptance)
+        diagnostics = diagnose(llc_trace, loss - reference, ~alive, diverged_at, acceptance,
+                               init_loss=self.init_loss, reference_loss=self.reference_loss,
+                               max_excess_ratio=self.max_excess_ratio, corrected=self.corrected)
         mean = float(kept.mean())
         std = float(kept.std(ddof=1)) if len(kept) > 1 else float("nan")
         return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, loss_trace=loss,
@@ -144,7 +174,10 @@ class LLCResult:
             json.dump(self.to_dict(), fh, indent=1)
 
     def __repr__(self) -> str:
+        d = self.diagnostics
+        ratio = d.get("excess_ratio")
         return (f"LLCResult(llc={self.llc_mean:.4g} ± {self.llc_std:.2g} (std over "
                 f"{np.isfinite(self.llc_per_chain).sum()} chains), effective_params="
                 f"{self.effective_params:.4g}, nbeta={self.nbeta:.4g}, "
-                f"healthy={self.diagnostics.get('healthy')})")
+                f"excess_ratio={'n/a' if ratio is None else format(ratio, '.3g')}, "
+                f"healthy={d.get('healthy')})")

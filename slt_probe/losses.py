@@ -8,12 +8,15 @@ by indexing, instead of a forward pass per draw.
 """
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import vmap
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -59,14 +62,70 @@ def _ce_per_example(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output, target, reduction="none")
 
 
-def _callable_per_example(fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+def _rows(values: Tensor, batch: int) -> Tensor | None:
+    """Per-example values (B,) from a callable's output: (B,) as is, (B, …) averaged over
+    the rest; None when the output is not per example (a scalar)."""
+    if values.dim() >= 1 and values.shape[0] == batch and (values.dim() > 1 or batch > 1):
+        return values.reshape(batch, -1).mean(dim=1)
+    return None
+
+
+def _callable_loss(fn) -> Loss:
+    """A user loss: per-example values when it returns them (``reduction="none"``
+    functions, loss modules, switched to ``reduction="none"``), else the batch mean with
+    per-example values from ``vmap`` over examples (a Python loop only if that fails)."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if isinstance(fn, torch.nn.Module) and getattr(fn, "reduction", None) in ("mean", "sum", "none"):
+        unreduced = copy.copy(fn)
+        unreduced.reduction = "none"
+
+        def module_rows(output: Tensor, target: Tensor) -> Tensor:
+            return unreduced(output, target).reshape(len(output), -1).mean(dim=1)
+
+        return Loss(name, lambda o, t: module_rows(o, t).mean(), module_rows, vectorised=True)
+
+    def batch_mean(output: Tensor, target: Tensor) -> Tensor:
+        values = fn(output, target)
+        rows = _rows(values, len(output))
+        return values.reshape(()) if rows is None else rows.mean()
+
     def per_example(output: Tensor, target: Tensor) -> Tensor:
-        return torch.stack([fn(output[i:i + 1], target[i:i + 1]).reshape(())
-                            for i in range(len(output))])
-    return per_example
+        values = fn(output, target)
+        rows = _rows(values, len(output))
+        if rows is not None:
+            return rows
+        single = lambda o, t: fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())  # noqa: E731
+        try:
+            return vmap(single)(output, target)
+        except RuntimeError:  # an op without a batching rule
+            return torch.stack([single(output[i], target[i]) for i in range(len(output))])
+
+    return Loss(name, batch_mean, per_example)
+
+
+def check_output_and_targets(loss: Loss, output: Tensor, y: Tensor) -> None:
+    """Named errors for targets the built-in losses cannot take (before torch's own)."""
+    if loss.name == "cross_entropy":
+        if y.dtype.is_floating_point:
+            raise TypeError("cross_entropy needs integer class labels as targets, got "
+                            f"{y.dtype}; use loss_fn='mse' for real-valued targets or pass "
+                            "labels (y.long())")
+        if output.dim() < 2:
+            raise ValueError(f"cross_entropy needs one output per class, got model output of "
+                             f"shape {tuple(output.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= output.shape[1]:
+            raise ValueError(f"class labels must be in [0, {output.shape[1] - 1}] for a model "
+                             f"with {output.shape[1]} outputs; got labels in [{low}, {high}]")
 
 
 def resolve_loss(loss_fn) -> Loss:
+    """The ``Loss`` for ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"`` or a callable
+    ``(output, target) -> loss`` (a batch mean, or per-example values).
+
+    >>> resolve_loss("mse").per_example(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
+    [1.0, 1.0]
+    """
     if isinstance(loss_fn, str):
         if loss_fn == "cross_entropy":
             return Loss("cross_entropy", F.cross_entropy, _ce_per_example, vectorised=True)
@@ -77,7 +136,37 @@ def resolve_loss(loss_fn) -> Loss:
         raise ValueError("loss_fn must be 'cross_entropy', 'mse', 'gaussian_nll' or a callable; "
                          f"got {loss_fn!r}")
     if callable(loss_fn):
-        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-        return Loss(name, loss_fn, _callable_per_example(loss_fn))
+        return _callable_loss(loss_fn)
     raise TypeError(f"loss_fn must be a string or a callable (output, target) -> loss; "
                     f"got {type(loss_fn).__name__}")
+
+
+def constant_predictor_loss(loss: Loss, output: Tensor, y: Tensor) -> float | None:
+    """L_n of the best constant predictor, the reference a trained network must beat.
+
+    The constant is the log label frequencies for class targets (integer ``y`` and an
+    output with one column per class: its cross-entropy is the entropy of the labels) and
+    the mean target for real-valued targets of the output's shape (its squared error is the
+    targets' spread about their mean). ``output`` is the model's output on a few examples
+    (its shape and dtype only). None where neither applies.
+
+    >>> y = torch.tensor([0, 0, 1, 1])
+    >>> round(constant_predictor_loss(resolve_loss("cross_entropy"), torch.zeros(4, 2), y), 4)
+    0.6931
+    """
+    with torch.no_grad():
+        if not y.dtype.is_floating_point and output.dim() == 2:
+            classes = output.shape[1]
+            if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= classes:
+                return None
+            freq = torch.bincount(y.reshape(-1).long(), minlength=classes).to(torch.float64)
+            logits = torch.log(freq / freq.sum()).clamp_min(-1e4).to(output.dtype)
+            constant = logits.expand(len(y), classes)
+        elif y.dtype.is_floating_point and y.shape[1:] == output.shape[1:]:
+            constant = y.double().mean(dim=0, keepdim=True).to(output.dtype).expand_as(y)
+        else:
+            return None
+        values = torch.cat([loss.per_example(constant[i:i + 4096], y[i:i + 4096]).double()
+                            for i in range(0, len(y), 4096)])
+    value = float(values.mean())
+    return value if math.isfinite(value) else None

@@ -10,6 +10,7 @@ files (``run_log``), plotting (``reports``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,9 @@ from .losses import resolve_loss
 from .run_log import (LLC_COLUMNS, TrajectoryLog, preserved_state, row_from_result,
                       versions)
 from .settings import EstimateSettings, resolve_settings
+
+logger = logging.getLogger("slt_probe")
+PENDING_DIR = "pending"
 
 
 def log_spaced_steps(last_step: int, num: int = 40, first_step: int = 1) -> list[int]:
@@ -57,10 +61,17 @@ class LLCProbe:
         steps: further steps to estimate at (e.g. ``log_spaced_steps(10_000)``).
         log_dir: folder for ``llc.csv`` and ``manifest.json`` (None: keep rows in memory).
         at_start: estimate at step 0 (when attached).
+        calibrate_at: with ``sampler="auto"``, the step whose weights the calibration runs
+            on (default: the last weights, when the probe is detached). Until then the
+            weights of every scheduled step are kept (under ``log_dir/pending/``, or in
+            memory without a log_dir) and estimated right after the calibration, so the
+            whole trajectory shares one sampler chosen on a trained network; training is
+            never blocked before that step.
         verbose: progress bars.
 
     Every estimate uses the same sampler and seed, so differences along the trajectory
-    are not blurred by fresh sampling noise (common random numbers).
+    are not blurred by fresh sampling noise (common random numbers). A calibration
+    recorded in ``log_dir/manifest.json`` is reused when the probe resumes there.
 
     >>> import torch, slt_probe
     >>> net = torch.nn.Linear(2, 2)
@@ -78,7 +89,8 @@ class LLCProbe:
     def __init__(self, model: nn.Module, data, settings: EstimateSettings | None = None, *,
                  loss_fn="cross_entropy", every: int | None = 200,
                  steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
-                 at_start: bool = True, verbose: bool = True, **overrides):
+                 at_start: bool = True, calibrate_at: int | None = None,
+                 verbose: bool = True, **overrides):
         if data is None:
             raise ValueError("data is required: the probe estimates λ̂ on the training data")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)
@@ -94,7 +106,14 @@ class LLCProbe:
         self.at_start = at_start
         self.verbose = verbose
         self.settings = resolve_settings(settings, overrides)
+        if calibrate_at is not None and not self.settings.auto:
+            raise ValueError("calibrate_at applies only to sampler='auto'")
+        if calibrate_at is not None and (isinstance(calibrate_at, bool)
+                                         or not isinstance(calibrate_at, int) or calibrate_at < 0):
+            raise ValueError(f"calibrate_at must be a step >= 0, got {calibrate_at!r}")
+        self.calibrate_at = calibrate_at
         self.calibration: Calibration | None = None
+        self._pending: dict[int, object] = {}  # step -> state_dict or its file
         self.x, self.y = as_tensors(data)
         self.loss_fn = loss_fn
         self.batched = BatchedModel(model, resolve_loss(loss_fn), compile=self.settings.compile)
@@ -109,6 +128,12 @@ class LLCProbe:
                     "versions": versions()}
         self._log = TrajectoryLog(log_dir, manifest)
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        if self.settings.auto and self.log_dir is not None:
+            recorded = self._log.manifest().get("calibration")
+            if recorded is not None:
+                self.use_calibration(Calibration.from_dict(recorded))
+            for path in sorted((self.log_dir / PENDING_DIR).glob("step_*.pt")):
+                self._pending[int(path.stem.split("_")[1])] = path
 
     @property
     def num_params(self) -> int:
@@ -123,7 +148,7 @@ class LLCProbe:
 
     # -- schedule -------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        if self._log.has_llc(step):
+        if self._log.has_llc(step) or step in self._pending:
             return False
         if step == 0:
             return self.at_start
@@ -131,23 +156,66 @@ class LLCProbe:
 
     # -- estimating -----------------------------------------------------------------
     def estimate(self, step: int) -> dict:
-        """Estimate now and record it as ``step`` (training state is left untouched)."""
+        """Estimate now and record it as ``step`` (training state is left untouched). Before
+        an automatic calibration has run, keep the weights to estimate later instead."""
+        if self.settings.auto:
+            self._keep(step)
+            return self.row(step)
+        return self._estimate_state(step, self.model.state_dict())
+
+    def _estimate_state(self, step: int, state) -> dict:
         started = time.perf_counter()
         with preserved_state(self.model):
-            if self.settings.auto:
-                self.use_calibration(calibrate(self.model, (self.x, self.y), self.settings,
-                                               loss_fn=self.loss_fn, verbose=self.verbose,
-                                               batched=self.batched))
-            w_star = self.batched.load_point(self.model.state_dict())
+            w_star = self.batched.load_point(state)
             result = run_estimate(self.batched, w_star, self.x, self.y, self.settings,
                                   verbose=self.verbose, desc=f"LLC step {step}")
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
         return self._log.update(step, row_from_result(result, seconds))
 
+    def _keep(self, step: int) -> None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.log_dir is None:
+            self._pending[step] = state
+            return
+        folder = self.log_dir / PENDING_DIR
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step_{step:09d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._pending[step] = path
+
+    def calibrate_now(self) -> Calibration:
+        """Calibrate on the model's current weights, then estimate every kept step. Blocks
+        until done (a progress bar with the calibration's step budget and the kept steps
+        shows how long)."""
+        if not self.settings.auto:
+            raise RuntimeError("the probe's sampler is already fixed")
+        logger.info("slt_probe: calibrating on the weights at step %d (training waits); "
+                    "%d kept steps follow", self.step_count, len(self._pending))
+        started = time.perf_counter()
+        with preserved_state(self.model):
+            calibration = calibrate(self.model, (self.x, self.y), self.settings,
+                                    loss_fn=self.loss_fn, verbose=self.verbose,
+                                    batched=self.batched)
+        self.probe_seconds += time.perf_counter() - started
+        self.use_calibration(calibration)
+        self._log.update_manifest(calibrated_at_step=self.step_count)
+        for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
+                         disable=not self.verbose, leave=False):
+            kept = self._pending.pop(step)
+            state = torch.load(kept) if isinstance(kept, Path) else kept
+            self._estimate_state(step, state)
+            if isinstance(kept, Path):
+                kept.unlink()
+        return calibration
+
     def maybe_estimate(self, step: int) -> dict | None:
         """For loops without an optimizer object: estimate if ``step`` is on the schedule."""
         self.step_count = step
+        if self.settings.auto and self.calibrate_at is not None and step >= self.calibrate_at:
+            self.calibrate_now()
         return self.estimate(step) if self.due(step) else None
 
     def log(self, step: int, **metrics) -> None:
@@ -177,10 +245,13 @@ class LLCProbe:
         self.maybe_estimate(self.step_count + 1)
 
     def detach(self) -> None:
-        """Remove the hook and write any metrics logged since the last estimate."""
+        """Remove the hook, run a pending automatic calibration on the final weights (and
+        estimate the kept steps), and write any metrics logged since the last estimate."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self.settings.auto and self._pending:
+            self.calibrate_now()
         self._log.flush()
 
     def __enter__(self) -> "LLCProbe":

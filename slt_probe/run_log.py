@@ -25,7 +25,9 @@ from torch import nn
 CSV_NAME = "llc.csv"
 MANIFEST_NAME = "manifest.json"
 LLC_COLUMNS = ["step", "llc_mean", "llc_std", "llc_sem", "effective_params", "init_loss",
-               "nbeta", "healthy", "rhat", "ess", "num_diverged", "seconds"]
+               "mean_sampled_loss", "excess_ratio", "local", "healthy", "reasons", "rhat",
+               "ess", "num_diverged", "sampler", "lr", "localization", "nbeta",
+               "gradient_correction", "num_chains", "num_draws", "seconds"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -137,6 +139,11 @@ class TrajectoryLog:
             manifest = previous
         write_json_atomic(self.manifest_path, manifest)
 
+    def manifest(self) -> dict:
+        if self.manifest_path is None:
+            return {}
+        return json.loads(self.manifest_path.read_text())
+
     def update_manifest(self, **values) -> None:
         if self.manifest_path is None:
             return
@@ -164,10 +171,20 @@ class TrajectoryLog:
 
 
 def row_from_result(result, seconds: float) -> dict:
-    """The ``llc.csv`` columns of one estimate."""
+    """The ``llc.csv`` columns of one estimate: λ̂, how local and healthy it is and why
+    not, and how it was obtained (sampler, ε, γ, nβ, correction, chains, draws)."""
     d = result.diagnostics
+    c = result.config
     finite = lambda v: v if v is not None and np.isfinite(v) else None  # noqa: E731
+    sampler = c.get("sampler") if isinstance(c.get("sampler"), dict) else {}
     return {"llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
             "effective_params": result.effective_params, "init_loss": result.init_loss,
-            "nbeta": result.nbeta, "healthy": d["healthy"], "rhat": finite(d["rhat"]),
-            "ess": finite(d["ess"]), "num_diverged": d["num_diverged"], "seconds": seconds}
+            "mean_sampled_loss": finite(d.get("mean_sampled_loss")),
+            "excess_ratio": finite(d.get("excess_ratio")), "local": d.get("local"),
+            "healthy": d["healthy"], "reasons": ";".join(d.get("reasons", [])),
+            "rhat": finite(d["rhat"]), "ess": finite(d["ess"]),
+            "num_diverged": d["num_diverged"], "sampler": sampler.get("type"),
+            "lr": sampler.get("lr"), "localization": sampler.get("localization"),
+            "nbeta": result.nbeta, "gradient_correction": c.get("gradient_correction"),
+            "num_chains": c.get("num_chains"), "num_draws": c.get("num_draws"),
+            "seconds": seconds}

@@ -14,6 +14,13 @@ from .estimator import ESTIMATORS, LOSS_ON
 from .samplers import SGLD, Sampler, check_positive
 
 BACKENDS = ("native", "devinterp")
+GRADIENT_CORRECTIONS = ("auto", True, False)
+# An estimate whose chains gave back more than this fraction of the gap between L_n(w*) and
+# the best constant predictor's loss has left the neighbourhood of w* (``diagnostics``).
+DEFAULT_MAX_EXCESS_RATIO = 0.25
+# "auto" gradient correction: on when the plain estimator's first-order bias bound
+# nβ²‖g‖²/γ exceeds this many nats (one nat is two effective parameters).
+CORRECTION_THRESHOLD = 1.0
 
 
 def default_nbeta(num_examples: int) -> float:
@@ -49,9 +56,21 @@ class EstimateSettings:
             or ``"plain"`` (devinterp's nβ·(L_b(w_t) − L_n(w*))).
         loss_on: ``"minibatch"`` or ``"full"`` (L_n on all data at every draw).
         backend: ``"native"`` (batched chains) or ``"devinterp"`` (the reference library).
+        nbeta: nβ, the inverse temperature times n (default: the sampler's ``nbeta``, else
+            n/log n); the one way to set it with ``sampler="auto"``.
         warmup_lr, num_warmup: steps at a coarser step size before the burn-in.
         restrict_to: parameter names (or name → boolean mask) to sample; the rest stay
             at w*.
+        gradient_correction: ``True`` samples L(w) − g·(w − w*) with g = ∇L_n(w*) (for
+            points that are not minima) and reports nβ·E[L(w) − L(w*) − g·(w − w*)];
+            ``"auto"`` turns it on when nβ²‖g‖²/γ, the plain estimator's first-order bias
+            bound, exceeds ``CORRECTION_THRESHOLD`` (1 nat).
+        max_excess_ratio: the locality limit: chains whose mean loss gave back more than
+            this fraction of the gap between L_n(w*) and the best constant predictor's
+            loss have left the neighbourhood of w*.
+        reference_loss: the loss of a trivial predictor, the far end of that gap (default:
+            the best constant predictor, computed for class and real-valued targets; give
+            it for a custom loss where that cannot be computed).
         calibration_grid: what ``sampler="auto"`` searches (a ``CalibrationGrid``).
         compile: compile the batched gradient with ``torch.compile``.
 
@@ -72,9 +91,13 @@ class EstimateSettings:
     estimator: str = "control_variate"
     loss_on: str = "minibatch"
     backend: str = "native"
+    nbeta: float | None = None
     warmup_lr: float | None = None
     num_warmup: int = 0
     restrict_to: object = None
+    gradient_correction: bool | str = "auto"
+    max_excess_ratio: float = DEFAULT_MAX_EXCESS_RATIO
+    reference_loss: float | None = None
     calibration_grid: object = None
     compile: bool = False
 
@@ -97,12 +120,30 @@ class EstimateSettings:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.nbeta is not None:
+            check_positive("nbeta", self.nbeta)
+            if (not self.auto and self.sampler.nbeta is not None
+                    and self.sampler.nbeta != self.nbeta):
+                raise ValueError(f"nbeta is set twice, differently: settings nbeta="
+                                 f"{self.nbeta}, sampler nbeta={self.sampler.nbeta}")
         if self.warmup_lr is not None:
             check_positive("warmup_lr", self.warmup_lr)
         if self.num_warmup and self.warmup_lr is None:
             raise ValueError("num_warmup > 0 needs warmup_lr (the warm-up's step size)")
         if self.num_warmup and self.backend != "native":
             raise ValueError("a warm-up (num_warmup > 0) runs on the native backend only")
+        if not (self.gradient_correction == "auto" or isinstance(self.gradient_correction, bool)):
+            raise ValueError(f"gradient_correction must be 'auto', True or False, got "
+                             f"{self.gradient_correction!r}")
+        if self.gradient_correction is True and self.backend != "native":
+            raise ValueError("gradient_correction=True runs on the native backend only")
+        check_positive("max_excess_ratio", self.max_excess_ratio)
+        if self.reference_loss is not None and (
+                isinstance(self.reference_loss, bool)
+                or not isinstance(self.reference_loss, (int, float))
+                or not math.isfinite(self.reference_loss)):
+            raise ValueError(f"reference_loss must be a finite number or None, got "
+                             f"{self.reference_loss!r}")
         if self.calibration_grid is not None and self.sampler != "auto":
             raise ValueError("calibration_grid applies only to sampler='auto'")
         if not isinstance(self.compile, bool):
@@ -120,6 +161,14 @@ class EstimateSettings:
             raise TypeError(f"unknown setting(s) {unknown}; EstimateSettings has {sorted(known)}")
         return replace(self, **overrides) if overrides else self
 
+    def resolve_nbeta(self, num_examples: int) -> tuple[float, str]:
+        """(nβ, where it came from: "settings", "sampler" or "n/log n")."""
+        if self.nbeta is not None:
+            return self.nbeta, "settings"
+        if not self.auto and self.sampler.nbeta is not None:
+            return self.sampler.nbeta, "sampler"
+        return default_nbeta(num_examples), "n/log n"
+
     def warmup_sampler(self) -> Sampler | None:
         """The sampler with its step size replaced by ``warmup_lr`` (None without one)."""
         return replace(self.sampler, lr=self.warmup_lr) if self.num_warmup else None
@@ -134,9 +183,33 @@ class EstimateSettings:
                 "num_chains": self.num_chains, "num_draws": self.num_draws,
                 "num_burnin": self.num_burnin, "batch_size": self.batch_size,
                 "seed": self.seed, "estimator": self.estimator, "loss_on": self.loss_on,
-                "backend": self.backend, "warmup_lr": self.warmup_lr,
+                "backend": self.backend, "nbeta": self.nbeta, "warmup_lr": self.warmup_lr,
                 "num_warmup": self.num_warmup, "restrict_to": restrict,
-                "compile": self.compile}
+                "gradient_correction": self.gradient_correction,
+                "max_excess_ratio": self.max_excess_ratio,
+                "reference_loss": self.reference_loss, "compile": self.compile}
+
+
+def linear_bias_bound(gradient_norm_sq: float, nbeta: float, localization: float) -> float:
+    """nβ²‖g‖²/γ: how far (in nats) the linear term g·(w − w*) can pull the plain estimate.
+
+    In a flat direction the localised posterior of nβ·g·Δ + γ/2‖Δ‖² is centred at
+    Δ = −nβg/γ, where nβ·g·Δ = −nβ²‖g‖²/γ; curvature only shrinks it.
+
+    >>> linear_bias_bound(1e-4, 100.0, 10.0)
+    0.1
+    """
+    if localization == 0:
+        return math.inf if gradient_norm_sq > 0 else 0.0
+    return nbeta ** 2 * gradient_norm_sq / localization
+
+
+def correction_applies(setting, gradient_norm_sq: float, nbeta: float, localization: float
+                       ) -> bool:
+    """Whether ``gradient_correction=setting`` corrects at this gradient, nβ and γ."""
+    if setting == "auto":
+        return linear_bias_bound(gradient_norm_sq, nbeta, localization) > CORRECTION_THRESHOLD
+    return bool(setting)
 
 
 def resolve_settings(settings: EstimateSettings | None, overrides: dict) -> EstimateSettings:
