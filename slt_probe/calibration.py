@@ -1,22 +1,24 @@
 """Automatic choice of the SGLD step ε, the localisation γ, the warm-up, burn-in and chains.
 
-Four stages, each returning a typed result (``docs/calibration.md`` explains why):
+Stages, each returning a typed ``Stage`` (``docs/calibration.md`` explains why):
 
 1. stability: the largest ε of ``grid.lrs`` whose chains do not diverge in a short probe
-   at the first γ; the sweep runs one grid value below it.
-2. locality: from γ = ``grid.start_localization`` chains relax (Langevin time
-   ``grid.relax_time``/γ, until λ̂ stops drifting) and their excess ratio is measured;
-   γ is weakened step by step while the chains stay local and relax within
-   ``grid.max_relax_steps``, strengthened if the first γ is not local. The chosen γ is
-   the weakest local one.
-3. step bias: from the relaxed positions, chains at ε, ε/2, … run the same steps with
-   the same noise; the first ε whose λ̂ is within ``grid.bias_tolerance`` of 2ε's is
-   chosen (the step bias is about linear in ε, so the gap is the bias left at ε).
-4. chains: the chosen level's spread across chains sets how many reach
+   at the first γ; chains relax one grid value below it ("hot relaxation").
+2. warm-up step: from those positions, a ladder at ε, ε/2, … (the same steps and noise
+   for every level) finds the first ε_w whose λ̂ is within ``grid.warmup_gap`` of 2ε's.
+3. locality: at ε_w, from w*, chains relax at γ = ``grid.start_localization``
+   (Langevin time ``grid.relax_time``/γ, until λ̂ stops drifting) and their excess ratio is
+   measured; γ is weakened while the chains stay local and relax within
+   ``grid.max_relax_steps``, strengthened if the first γ is not local.
+4. step bias at the chosen γ: the ladder again, from the relaxed positions, down to the
+   first ε within ``grid.bias_tolerance`` of 2ε; if the chains are not local at that ε
+   (a hot ε_w can hide it), γ is strengthened, the chains relax there from w* at ε, and
+   this stage repeats.
+5. chains: the chosen level's spread across chains sets how many reach
    ``grid.target_relative_sem``.
 
-The estimate then warms up from w* at 2ε for the Langevin time the sweep took to reach
-the chosen γ, burns in at ε and draws. Not here: the estimate itself (``engine``).
+The estimate warms up from w* at ε_w for the Langevin time the sweep took to relax, burns
+in at ε long enough to settle the stiffest directions, and draws. Not here: the estimate itself (``engine``).
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class CalibrationGrid:
             first).
         localizations: candidate γ; the sweep walks them from ``start_localization``.
         start_localization: the first γ tried.
-        num_chains: chains of every calibration run.
+        num_chains: chains of every calibration run (default: the estimate's own chains,
+            at least 4, so calibrating costs what the estimate costs per step).
         relax_time: Langevin time a relaxation at γ covers at least, in units of 1/γ
             (the localisation pulls flat directions back on the time scale 2/γ).
         min_steps: least steps of any relaxation.
@@ -64,10 +67,16 @@ class CalibrationGrid:
             warm-up step ε_w is not tried: it bounds the warm-up of every estimate made
             with the result.
         max_excess_ratio: the locality limit (default: the settings' own).
-        level_steps: steps of each step-bias ladder level (half settle, half measured).
-        warmup_gap: the warm-up step ε_w is the first ε, halving from a hot relaxation,
-            whose λ̂ is within this of 2ε's: hot enough to relax flat directions in few
-            steps, not so hot that it shifts them.
+        locality_margin: the calibration accepts a γ only if the excess ratio is below
+            this fraction of the limit, so the estimate, with its own noise, stays local.
+        level_steps: least steps of each step-bias ladder level (half settle, half
+            measured).
+        warmup_gap: the sweep over γ (and the estimate's warm-up) runs at the first ε,
+            halving from a hot relaxation, whose λ̂ is within this of 2ε's.
+        settle: a level at ε runs at least ``settle`` × ε_stable/ε steps (ε_stable: the
+            stability probe's ε): the stiffest directions, whose curvature the probe's
+            stability limit measures, relax in about ε_stable/ε steps, so levels at small
+            ε settle them before they are measured.
         bias_tolerance: largest gap between λ̂ at 2ε and at ε for which ε is accepted; an
             unresolved gap (s.e. above half the tolerance) doubles both levels up to
             ``max_lengthenings`` times and is then accepted unless significantly (2 s.e.)
@@ -81,15 +90,17 @@ class CalibrationGrid:
     lrs: tuple[float, ...] = DEFAULT_LRS
     localizations: tuple[float, ...] = DEFAULT_LOCALIZATIONS
     start_localization: float = 100.0
-    num_chains: int = 8
-    probe_steps: int = 100
+    num_chains: int | None = None
+    probe_steps: int = 50
     relax_time: float = 1.0
-    min_steps: int = 200
+    min_steps: int = 100
     tolerance: float = 0.05
-    max_relax_steps: int = 20_000
+    max_relax_steps: int = 50_000
     max_excess_ratio: float | None = None
-    level_steps: int = 400
+    locality_margin: float = 0.8
+    level_steps: int = 300
     warmup_gap: float = 0.25
+    settle: float = 10.0
     bias_tolerance: float = 0.05
     max_lengthenings: int = 2
     max_steps: int = 150_000
@@ -109,9 +120,11 @@ class CalibrationGrid:
         for name in ("tolerance", "bias_tolerance", "warmup_gap"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not (self.settle >= 0 and math.isfinite(self.settle)):
+            raise ValueError(f"settle must be >= 0, got {self.settle}")
         if not (self.relax_time > 0 and math.isfinite(self.relax_time)):
             raise ValueError(f"relax_time must be > 0, got {self.relax_time}")
-        if self.num_chains < 2:
+        if self.num_chains is not None and self.num_chains < 2:
             raise ValueError(f"num_chains must be >= 2 (standard errors need two chains), "
                              f"got {self.num_chains}")
         for name in ("probe_steps", "min_steps", "level_steps"):
@@ -120,6 +133,8 @@ class CalibrationGrid:
         if self.max_relax_steps < self.min_steps:
             raise ValueError(f"max_relax_steps ({self.max_relax_steps}) must be >= min_steps "
                              f"({self.min_steps})")
+        if not 0 < self.locality_margin <= 1:
+            raise ValueError(f"locality_margin must be in (0, 1], got {self.locality_margin}")
         if self.max_excess_ratio is not None and not self.max_excess_ratio > 0:
             raise ValueError(f"max_excess_ratio must be > 0, got {self.max_excess_ratio}")
         if self.target_relative_sem is not None and not 0 < self.target_relative_sem < 1:
@@ -301,6 +316,7 @@ class _Search:
         self.bar = bar
         self.table: list[dict] = []
         self.spent = 0
+        self.stable = math.inf  # the stability probe's ε, once known
 
     def chains(self, lr: float, gamma: float, start=None, seed_offset: int = 0) -> _Chains:
         return _Chains(self.make_driver(lr, gamma, seed_offset), self.grid.max_steps,
@@ -346,6 +362,7 @@ class _Search:
                 return Stage(False, "budget", "the stability probe exhausted the step budget")
             self.row(probe, "probe")
             if probe.healthy:
+                self.stable = lr
                 return Stage(True, row={"lr": lr})
         return Stage(False, "diverged", f"every ε of the grid diverged within "
                                         f"{self.grid.probe_steps} steps")
@@ -358,7 +375,8 @@ class _Search:
         chains are not local (relaxing further only spreads them more)."""
         grid = self.grid
         lr = min(lr, 1.0 / gamma)  # a strong pull needs a step that does not overshoot w*
-        need = max(grid.min_steps, math.ceil(grid.relax_time / (gamma * lr)))
+        need = max(grid.min_steps, self.settle_steps(lr),
+                   math.ceil(grid.relax_time / (gamma * lr)))
         if need > grid.max_relax_steps:
             return Stage(False, "budget", f"relaxing at γ = {gamma:g} would take {need:,} "
                                           f"steps at ε = {lr:.3g}, over max_relax_steps "
@@ -387,21 +405,19 @@ class _Search:
                 return Stage(True, chains=chains)
             steps *= 2
 
-    def sweep(self, lr: float, first: Stage) -> tuple[Stage, list[str], float]:
-        """Walk γ from ``start_localization`` (whose relaxed chains at ε = ``lr`` are
-        ``first``): weaker while the chains stay local and relax in time; if the first γ
-        is not local, stronger until one is. Returns (the weakest passing stage, why the
-        others failed, the Langevin time from w* to reach it)."""
+    def sweep(self, lr: float) -> tuple[Stage, list[str], float]:
+        """Walk γ from ``start_localization`` at step ``lr``, starting from w*: weaker
+        (continuing from the last relaxed positions) while the chains stay local and
+        relax in time; if the first γ fails, stronger (from w* again) until one passes.
+        Returns (the weakest passing stage, why the others failed, the Langevin time from
+        w* to reach it)."""
         order = sorted(self.grid.localizations, reverse=True)  # strongest first
         index = order.index(self.grid.start_localization)
         step = 1  # towards weaker γ
         notes: list[str] = []
         start, best, time_to_best, elapsed = None, None, 0.0, 0.0
         while 0 <= index < len(order):
-            if first is not None:
-                stage, first = self.judge(first.chains), None
-            else:
-                stage = self.relax(lr, order[index], start)
+            stage = self.relax(lr, order[index], start)
             if stage.ok:
                 elapsed += stage.chains.langevin_time
                 best, time_to_best = stage, elapsed
@@ -418,30 +434,21 @@ class _Search:
             return Stage(False, "not_local", "; ".join(notes)), notes, 0.0
         return best, notes, time_to_best
 
-    def judge(self, chains: _Chains) -> Stage:
-        """Locality of chains that are already relaxed."""
-        ratio = self.ratio(chains)
-        if ratio is not None and ratio > self.max_ratio:
-            self.row(chains, "locality", relaxed=True)
-            return Stage(False, "not_local", f"at γ = {chains.sampler.localization:g} the "
-                                             f"chains gave back {ratio:.0%} of the loss gap "
-                                             f"(limit {self.max_ratio:.0%})", chains=chains)
-        self.row(chains, "locality", relaxed=True)
-        return Stage(True, chains=chains)
-
     # -- stage 3 ----------------------------------------------------------------------
-    def descend(self, relaxed: _Chains, tolerance: float, stage: str) -> Stage:
-        """Halve ε from ``relaxed``'s step, every level starting at its positions with the
-        same noise and running the same number of steps, until λ̂ at 2ε and at ε agree
-        within ``tolerance``. A level whose chains diverge is dropped (its ε is too
-        large) and the descent goes on below it."""
+    def descend(self, relaxed: _Chains, tolerance: float, stage: str,
+                first_lr: float | None = None, level_steps: int | None = None) -> Stage:
+        """Halve ε from ``first_lr`` (default ``relaxed``'s step), every level starting at
+        ``relaxed``'s positions with the same noise and running the same number of steps,
+        until λ̂ at 2ε and at ε agree within ``tolerance``. A level whose chains diverge is
+        dropped (its ε is too large) and the descent goes on below it."""
         grid = self.grid
         gamma = relaxed.sampler.localization
         start = relaxed.driver.positions.clone()
-        lr = relaxed.sampler.lr
+        lr = first_lr or relaxed.sampler.lr
         larger = None
-        level_steps = grid.level_steps
+        base = level_steps or grid.level_steps
         while lr >= min(grid.lrs) / 2:
+            level_steps = first_steps = max(base, self.settle_steps(lr))
             smaller = self.chains(lr, gamma, start, seed_offset=1)
             while True:
                 if not ((larger is None or self.extend(larger, level_steps))
@@ -455,7 +462,7 @@ class _Search:
                 gap, gap_sem = relative_gap(larger.second_half(), smaller.second_half())
                 resolved = gap_sem <= tolerance / 2
                 if (abs(gap) - 2 * gap_sem > tolerance or resolved
-                        or level_steps >= grid.level_steps * 2 ** grid.max_lengthenings):
+                        or level_steps >= first_steps * 2 ** grid.max_lengthenings):
                     break
                 level_steps *= 2  # unresolved: lengthen both levels
             if not smaller.healthy:
@@ -476,13 +483,17 @@ class _Search:
                                         f"{tolerance:.0%} per halving of ε at the "
                                         f"grid's smallest ε ({min(grid.lrs):.3g})")
 
-    def chain_draws_for_target(self, level: dict) -> int:
+    def settle_steps(self, lr: float) -> int:
+        if not math.isfinite(self.stable):
+            return 0
+        return math.ceil(self.grid.settle * self.stable / lr)
+
+    def chain_draws_for_target(self, level: dict, num_chains: int) -> int:
         target = self.grid.target_relative_sem
         if target is None or not level["llc_mean"]:
             return 0
         relative_sem = level["llc_sem"] / abs(level["llc_mean"])
-        return math.ceil(self.grid.num_chains * level["measured_draws"]
-                         * (relative_sem / target) ** 2)
+        return math.ceil(num_chains * level["measured_draws"] * (relative_sem / target) ** 2)
 
 
 def calibrate(model, data, settings: EstimateSettings | None = None, *,
@@ -515,7 +526,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     started = time.perf_counter()
     settings = resolve_settings(settings, overrides)
     grid = grid or settings.calibration_grid or CalibrationGrid()
-    max_ratio = grid.max_excess_ratio or settings.max_excess_ratio
+    max_ratio = grid.locality_margin * (grid.max_excess_ratio or settings.max_excess_ratio)
     x, y = as_tensors(data)
     batched = batched or BatchedModel(model, resolve_loss(loss_fn))
     x, y = x.to(batched.device), y.to(batched.device)
@@ -526,6 +537,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     # where nβ came from (and a default n/log n follows the data it is applied to)
     sampler_nbeta = nbeta if nbeta_source == "sampler" else None
     norm_sq = point.gradient_norm_sq()
+    num_chains = grid.num_chains or max(4, settings.num_chains)
 
     def make_driver(lr: float, gamma: float, seed_offset: int) -> ChainDriver:
         generator = torch.Generator(device=batched.device).manual_seed(
@@ -533,7 +545,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta, gamma)
         return ChainDriver(batched, x, y, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
                            nbeta=nbeta, w_star=w_star, star_losses=point.star_losses,
-                           mask=point.mask, num_chains=grid.num_chains,
+                           mask=point.mask, num_chains=num_chains,
                            batch_size=settings.batch_size, estimator=settings.estimator,
                            loss_on="minibatch", generator=generator,
                            gradient=point.gradient if corrected else None)
@@ -552,41 +564,61 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         if not hot.ok:
             raise CalibrationError(f"calibration failed relaxing at ε = {hot_lr:.3g}: "
                                    f"{hot.detail}")
-        moderate = search.descend(hot.chains, grid.warmup_gap, "hot ladder")
-        if not moderate.ok:
-            raise CalibrationError(f"calibration failed finding a warm-up step: "
-                                   f"{moderate.detail}")
-        warmup_lr = moderate.row["lr"]
-        local, notes, sweep_time = search.sweep(warmup_lr, moderate)
+        # the sweep runs at the first ε within warmup_gap of 2ε: cheap per unit of Langevin
+        # time, not so hot that it moves the flat directions far
+        first = search.descend(hot.chains, grid.warmup_gap, "hot ladder")
+        if not first.ok:
+            raise CalibrationError(f"calibration failed finding a step size: {first.detail}")
+        sweep_lr = first.row["lr"]
+        local, notes, sweep_time = search.sweep(sweep_lr)
         if not local.ok:
             raise CalibrationError(
                 "calibration failed: no localisation γ of the grid keeps the chains near w* ("
                 + local.detail + "); w* may not be a trained point, or widen "
                 "CalibrationGrid.localizations")
-        gamma = local.chains.sampler.localization
+        order = sorted(grid.localizations, reverse=True)
+        while True:
+            gamma = local.chains.sampler.localization
+            ladder = search.descend(local.chains, grid.bias_tolerance, "ladder")
+            if not ladder.ok:
+                raise CalibrationError(f"calibration failed on the step-bias ladder at γ = "
+                                       f"{gamma:g}: {ladder.detail}")
+            ratio = search.ratio(ladder.chains)
+            stronger = order.index(gamma) - 1
+            if ratio is None or ratio <= max_ratio or stronger < 0:
+                break
+            # not local at the final, smaller ε (a hot ε can hide it): one γ stronger,
+            # relaxed from w* at the final ε
+            notes.append(f"at γ = {gamma:g} the chains gave back {ratio:.0%} of the loss gap "
+                         f"at the final ε = {ladder.row['lr']:.3g}")
+            local = search.relax(ladder.row["lr"], order[stronger], None)
+            if not local.ok:
+                raise CalibrationError(f"calibration failed: {notes[-1]}, and at γ = "
+                                       f"{order[stronger]:g}: {local.detail}")
+            sweep_time = local.chains.langevin_time
         for row in search.table:
             if row["stage"] == "locality" and row["localization"] == gamma and row.get("relaxed"):
                 row["chosen"] = True
-        ladder = search.descend(local.chains, grid.bias_tolerance, "ladder")
-        if not ladder.ok:
-            raise CalibrationError(f"calibration failed on the step-bias ladder at γ = "
-                                   f"{gamma:g}: {ladder.detail}")
     finally:
         bar.close()
     chosen = ladder.row
     chosen["chosen"] = True
     lr = chosen["lr"]
     chosen["measured_draws"] = chosen["steps"] - chosen["steps"] // 2
-    draws_for_target = search.chain_draws_for_target(chosen)
-    ratio = search.ratio(ladder.chains)
-    warmup_lr = min(warmup_lr, local.chains.sampler.lr)
+    draws_for_target = search.chain_draws_for_target(chosen, num_chains)
+    # the estimate warms up from w* at the sweep's ε for the Langevin time the sweep took
+    # to relax from w*, then burns in at ε long enough to settle the stiff directions
+    warmup_lr = max(sweep_lr, lr)
     warmup_steps = math.ceil(sweep_time / warmup_lr)
+    burnin = max(chosen["steps"] // 2, search.settle_steps(lr))
     weaker = [g for g in grid.localizations if g < gamma]
     why_not_weaker = (f"the next weaker γ failed: {notes[-1]}" if notes and weaker
                       else "it is the weakest on the grid")
     reason = (f"γ = {gamma:g}: the weakest localisation of the grid whose chains stayed local "
               f"(excess ratio {ratio:.3g} ≤ {max_ratio:g} at the chosen ε)"
-              if ratio is not None else
+              if ratio is not None and ratio <= max_ratio else
+              f"γ = {gamma:g}: the strongest localisation of the grid, and still not local "
+              f"(excess ratio {ratio:.3g} > {max_ratio:g})" if ratio is not None else
               f"γ = {gamma:g}: the weakest localisation of the grid that relaxed (locality "
               "cannot be judged against the constant predictor here)")
     agreement = (f"agree within {grid.bias_tolerance:.0%} (gap "
@@ -594,17 +626,18 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
                  if abs(chosen["gap_to_double_lr"]) <= grid.bias_tolerance else
                  f"differ by {chosen['gap_to_double_lr']:+.1%} ± {chosen['gap_sem']:.1%}, not "
                  f"significantly more than {grid.bias_tolerance:.0%} at the longest level")
-    reason += (f"; {why_not_weaker}. ε = {lr:.3g}: λ̂ at ε and 2ε {agreement}, "
-               f"from positions relaxed at ε_w = {warmup_lr:.3g}, the "
-               f"first ε within {grid.warmup_gap:.0%} of 2ε's λ̂ after a hot relaxation at "
-               f"{hot_lr:.3g}. The estimate warms up at ε_w for ε·t = {sweep_time:.3g} "
-               f"({warmup_steps:,} steps)")
+    reason += (f"; {why_not_weaker}. ε = {lr:.3g}: λ̂ at ε and 2ε {agreement} from relaxed "
+               f"positions. The sweep over γ ran at ε_w = {sweep_lr:.3g}, the first ε within "
+               f"{grid.warmup_gap:.0%} of 2ε's λ̂ after a hot relaxation at {hot_lr:.3g}; the "
+               f"estimate warms up from w* at ε_w for the Langevin time the sweep took to "
+               f"relax, ε·t = {sweep_time:.3g} ({warmup_steps:,} steps), and burns in "
+               f"{burnin:,} steps at ε")
     return Calibration(
         sampler=SGLD(lr=lr, localization=gamma, nbeta=sampler_nbeta), warmup_lr=warmup_lr,
-        num_warmup=warmup_steps, num_burnin=chosen["steps"] // 2, table=search.table,
+        num_warmup=warmup_steps, num_burnin=burnin, table=search.table,
         reason=reason, nbeta=nbeta, grid=grid, measured_draws=chosen["measured_draws"],
         chain_draws_for_target=draws_for_target, excess_ratio=ratio,
         gradient_correction=correction_applies(settings.gradient_correction, norm_sq, nbeta,
                                                gamma),
         seconds=time.perf_counter() - started, steps=search.spent,
-        traces={"warmup": np.asarray(local.chains.llc), "warmup_lr": warmup_lr})
+        traces={"warmup": np.asarray(local.chains.llc), "warmup_lr": local.chains.sampler.lr})

@@ -1,5 +1,11 @@
-"""Command line: ``slt-probe estimate`` (λ̂ on a bundled problem whose true λ is known) and
-``slt-probe validate`` (the ground-truth suite under automatic calibration)."""
+"""Command line: ``slt-probe estimate`` (λ̂ on a bundled problem whose true λ is known),
+``validate`` (the ground-truth suite under automatic calibration), ``grokking`` and
+``grokking-report`` (the bundled grokking runs), ``compare`` (activations × seeds).
+
+Every option is checked when the command line is read, before any work starts, and every
+expected failure (bad input, a missing or unwritable file, a full disk, a calibration
+that finds nothing) ends with one line naming it and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +15,63 @@ import time
 from pathlib import Path
 
 from .api import estimate_llc
+from .calibration import CalibrationError
 from .experiments.compare import run_comparison
 from .experiments.grokking import run_grokking
-from .experiments.presets import SETUPS
+from .experiments.presets import REGIMES, SETUPS
 from .experiments.summary import report
 from .ground_truth import problems
 from .ground_truth.validate import validate
 from .models import ACTIVATION_NAMES
+from .run_log import write_json_atomic, write_text_atomic
 from .samplers import SGLD
+
+RUNS_DIR = "runs"  # where a user's runs go by default: not tracked (see .gitignore)
+
+
+def _number(kind, low, inclusive: bool, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value != value or (value < low if inclusive else value <= low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 0, False, "a whole number > 0")
+non_negative_int = _number(int, 0, True, "a whole number >= 0")
+positive_float = _number(float, 0.0, False, "a number > 0")
+
+
+def _names(allowed, what: str):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from "
+                                             f"{','.join(allowed)}")
+        return names
+    return parse
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "seeds") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds >= 0")
+    return seeds
+
+
+def _command() -> str:
+    return " ".join(["slt-probe", *sys.argv[1:]])
 
 
 def _estimate(args) -> int:
@@ -25,77 +80,94 @@ def _estimate(args) -> int:
     started = time.perf_counter()
     result = estimate_llc(
         problem.model, (problem.x, problem.y), loss_fn=problem.loss_fn,
-        sampler=SGLD(lr=args.lr or case.lr, localization=case.localization),
-        num_chains=args.chains or case.num_chains, num_draws=args.draws or case.num_draws,
-        num_burnin=case.num_burnin if args.burnin is None else args.burnin,
+        sampler=SGLD(lr=args.lr if args.lr is not None else case.lr,
+                     localization=case.localization),
+        num_chains=args.chains if args.chains is not None else case.num_chains,
+        num_draws=args.draws if args.draws is not None else case.num_draws,
+        num_burnin=args.burnin if args.burnin is not None else case.num_burnin,
         batch_size=case.batch_size, seed=args.seed, estimator=args.estimator,
         verbose=not args.quiet)
     seconds = time.perf_counter() - started
     truth = float(problem.true_lambda)
     rel = (result.llc_mean - truth) / truth
+    d = result.diagnostics
     print(f"{problem.name}: d = {problem.num_params}, n = {len(problem.x)}, "
-          f"nβ = {result.nbeta:.1f}")
+          f"nβ = {result.nbeta:.1f}, SGLD ε = {result.config['sampler']['lr']:g}, "
+          f"γ = {result.config['sampler']['localization']:g}")
     print(f"  true λ = {problem.true_lambda} = {truth:.4f}")
     print(f"  λ̂      = {result.llc_mean:.4f} ± {result.llc_std:.4f} (std over "
           f"{result.config['num_chains']} chains; s.e. {result.llc_sem:.4f})")
     print(f"  relative error {rel:+.1%}; effective parameters 2λ̂ = "
           f"{result.effective_params:.2f} of {problem.num_params}")
-    print(f"  R-hat {result.diagnostics['rhat']:.3f}, ESS {result.diagnostics['ess']:.0f}, "
-          f"healthy: {result.diagnostics['healthy']}, {seconds:.1f} s")
-    for warning in result.diagnostics["warnings"]:
+    ratio = d["excess_ratio"]
+    print(f"  R-hat {d['rhat']:.3f}, ESS {d['ess']:.0f}, excess ratio "
+          f"{'n/a (' + d['locality_note'] + ')' if ratio is None else format(ratio, '.3g')}, "
+          f"healthy: {d['healthy']}, {seconds:.1f} s")
+    for warning in d["warnings"]:
         print(f"  warning: {warning}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         record = {"case": args.case, "problem": problem.name, "true_lambda": truth,
                   "true_lambda_exact": str(problem.true_lambda), "relative_error": rel,
-                  "command": " ".join(["slt-probe", *sys.argv[1:]]), **result.to_dict()}
+                  "command": _command(), **result.to_dict()}
         path = out / f"{args.case}.json"
-        path.write_text(json.dumps(record, indent=1))
+        write_json_atomic(path, record)
         print(f"  wrote {path}")
     return 0
 
 
 def _validate(args) -> int:
-    command = " ".join(["slt-probe", *sys.argv[1:]]) if sys.argv[1:] else "slt-probe validate"
-    validate(quick=args.quick, out=args.out, command=command, verbose=True)
+    validate(quick=args.quick, out=args.out, command=_command(), jobs=args.jobs, verbose=True)
     return 0
 
 
+def _setup_folder(args, kind: str) -> Path:
+    return Path(args.out or f"{RUNS_DIR}/{kind}/{args.setup}{'-quick' if args.quick else ''}")
+
+
 def _grokking(args) -> int:
-    out = args.out or f"results/grokking/{args.setup}{'-quick' if args.quick else ''}"
-    command = " ".join(["slt-probe", *sys.argv[1:]])
-    summary = run_grokking(args.setup, activation_name=args.activation, seed=args.seed,
-                           quick=args.quick, out=out, mnist_dir=args.mnist_dir,
-                           command=command, verbose=not args.quiet)
-    keys = ("llc_init", "llc_peak", "llc_peak_step", "llc_final", "train_acc_100_step",
-            "test_acc_50_step", "grok_step", "final_test_acc", "wall_seconds")
-    for key in keys:
-        value = summary.get(key)
-        print(f"  {key:20s} {value:.4g}" if isinstance(value, float) else f"  {key:20s} {value}")
-    print(f"  wrote {out}/llc.csv, summary.json, manifest.json, trajectory.png")
+    root = _setup_folder(args, "grokking")
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    for seed in seeds:
+        out = root / f"seed{seed}"
+        summaries = run_grokking(args.setup, activation_name=args.activation, seed=seed,
+                                 quick=args.quick, out=out, regimes=args.regimes,
+                                 mnist_dir=args.mnist_dir, command=_command(),
+                                 verbose=not args.quiet)
+        for regime, summary in summaries.items():
+            print(f"seed {seed}, {regime} LLC: λ̂ init {summary['llc_init']:.4g}, peak "
+                  f"{summary['llc_peak']:.4g} at step {summary['llc_peak_step']}, final "
+                  f"{summary['llc_final']:.4g}; grokking step {summary['grok_step']}, final "
+                  f"test accuracy {summary['final_test_acc']:.3f}; "
+                  f"{summary['not_local_points']}/{summary['num_llc_points']} estimates not "
+                  "local")
+        print(f"  wrote {out}/ (metrics.csv, model.pt, and per regime llc.csv, summary.json, "
+              "manifest.json, trajectory.png)")
     return 0
 
 
 def _compare(args) -> int:
-    activations = [a.strip() for a in args.activations.split(",") if a.strip()]
-    out = args.out or f"results/compare/{args.setup}{'-quick' if args.quick else ''}"
-    command = " ".join(["slt-probe", *sys.argv[1:]])
-    rows = run_comparison(args.setup, activations, args.seeds, quick=args.quick, out=out,
-                          mnist_dir=args.mnist_dir, command=command, verbose=not args.quiet)
+    out = _setup_folder(args, "compare")
+    rows = run_comparison(args.setup, args.activations, args.seeds, quick=args.quick, out=out,
+                          regimes=args.regimes, mnist_dir=args.mnist_dir, command=_command(),
+                          verbose=not args.quiet)
     for row in rows:
-        print(f"  {row['activation']:8s} λ̂ init {row['llc_init']:.3g}  peak {row['llc_peak']:.3g}"
-              f"  final {row['llc_final']:.3g}  grok step {row['grok_step']}  "
-              f"disagreement {row['disagreement']}")
-    print(f"  wrote {out}/summary.csv, summary.md, trajectories.png, redshift.png")
+        print(f"  {row['activation']:8s} {row['regime']:8s} λ̂ init {row['llc_init']:.3g}  "
+              f"peak {row['llc_peak']:.3g}  final {row['llc_final']:.3g}  grok step "
+              f"{row['grok_step']}  disagreement {row['disagreement']}")
+    print(f"  wrote {out}/summary.csv, summary.md, trajectories_*.png, redshift.png")
     return 0
 
 
 def _grokking_report(args) -> int:
-    table = report(args.root, replot=args.replot)
-    path = Path(args.root) / "README.md"
-    path.write_text("# Grokking runs\n\nRegenerate this table: `slt-probe grokking-report "
-                    f"--root {args.root}`\n\n" + table)
+    root = Path(args.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder {root}: run `slt-probe grokking` first")
+    table = report(root, replot=args.replot)
+    path = root / "README.md"
+    write_text_atomic(path, "# Grokking runs\n\nRegenerate this table: `slt-probe "
+                      f"grokking-report --root {args.root}`\n\n" + table)
     print(table)
     print(f"wrote {path}")
     return 0
@@ -107,11 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="estimate λ̂ on a bundled problem with known λ")
     est.add_argument("--case", choices=sorted(problems.CASES), default="rrr-5-4-5-r0")
-    est.add_argument("--lr", type=float, default=None, help="SGLD step (default: the case's)")
-    est.add_argument("--chains", type=int, default=None)
-    est.add_argument("--draws", type=int, default=None)
-    est.add_argument("--burnin", type=int, default=None)
-    est.add_argument("--seed", type=int, default=0)
+    est.add_argument("--lr", type=positive_float, default=None,
+                     help="SGLD step (default: the case's)")
+    est.add_argument("--chains", type=positive_int, default=None)
+    est.add_argument("--draws", type=positive_int, default=None)
+    est.add_argument("--burnin", type=non_negative_int, default=None)
+    est.add_argument("--seed", type=non_negative_int, default=0)
     est.add_argument("--estimator", choices=["control_variate", "plain"],
                      default="control_variate")
     est.add_argument("--out", default="results/estimate", help="folder for the JSON result "
@@ -119,34 +192,43 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--quiet", action="store_true", help="no progress bar")
     est.set_defaults(run=_estimate)
     val = sub.add_parser("validate", help="ground-truth suite with automatic calibration only")
-    val.add_argument("--quick", action="store_true", help="the small cases only (< 5 min)")
+    val.add_argument("--quick", action="store_true", help="the small cases only (< 3 min)")
     val.add_argument("--out", default="results/validation")
+    val.add_argument("--jobs", type=positive_int, default=2,
+                     help="cases run at once, one process (and one thread) each")
     val.set_defaults(run=_validate)
-    grok = sub.add_parser("grokking", help="train a bundled grokking setup with the probe")
-    grok.add_argument("--setup", choices=SETUPS, required=True)
-    grok.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
-                      help="default: the setup's published one (GELU for modadd-mlp, else ReLU)")
-    grok.add_argument("--seed", type=int, default=0)
-    grok.add_argument("--quick", action="store_true", help="the small preset (< 3 min)")
-    grok.add_argument("--out", default=None, help="run folder (default results/grokking/SETUP)")
-    grok.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files "
-                      "(default: $SLT_PROBE_MNIST_DIR)")
-    grok.add_argument("--quiet", action="store_true", help="no progress bar")
-    grok.set_defaults(run=_grokking)
+    for name, helptext in (("grokking", "train a bundled grokking setup and estimate its "
+                                        "LLC trajectory"),
+                           ("compare", "LLC trajectories across activations and seeds")):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("--setup", choices=SETUPS, required=True)
+        cmd.add_argument("--quick", action="store_true", help="the small preset (minutes)")
+        cmd.add_argument("--out", default=None, help=f"folder (default {RUNS_DIR}/{name}/SETUP, "
+                         f"or {RUNS_DIR}/{name}/SETUP-quick with --quick; not tracked by git)")
+        cmd.add_argument("--regimes", type=_names(REGIMES, "regimes"), default=list(REGIMES),
+                         help=f"comma-separated from {','.join(REGIMES)} (default both)")
+        cmd.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files "
+                         "(default: $SLT_PROBE_MNIST_DIR)")
+        cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "grokking":
+            cmd.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
+                             help="default: the setup's published one (GELU for modadd-mlp, "
+                                  "else ReLU)")
+            cmd.add_argument("--seed", type=non_negative_int, default=0)
+            cmd.add_argument("--seeds", type=_seed_list, default=None,
+                             help="several seeds, comma-separated (one run folder each)")
+            cmd.set_defaults(run=_grokking)
+        else:
+            cmd.add_argument("--activations", type=_names(ACTIVATION_NAMES, "activations"),
+                             default=["relu", "tanh", "gelu"],
+                             help=f"comma-separated, from {','.join(ACTIVATION_NAMES)}")
+            cmd.add_argument("--seeds", type=positive_int, default=3,
+                             help="number of seeds (0 … N-1)")
+            cmd.set_defaults(run=_compare)
     rep = sub.add_parser("grokking-report", help="table over finished grokking runs")
     rep.add_argument("--root", default="results/grokking")
     rep.add_argument("--replot", action="store_true", help="redraw each run's trajectory.png")
     rep.set_defaults(run=_grokking_report)
-    comp = sub.add_parser("compare", help="LLC trajectories across activations and seeds")
-    comp.add_argument("--setup", choices=SETUPS, required=True)
-    comp.add_argument("--activations", default="relu,tanh,gelu",
-                      help=f"comma-separated, from {','.join(ACTIVATION_NAMES)}")
-    comp.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … N-1)")
-    comp.add_argument("--quick", action="store_true")
-    comp.add_argument("--out", default=None, help="default results/compare/SETUP")
-    comp.add_argument("--mnist-dir", default=None)
-    comp.add_argument("--quiet", action="store_true")
-    comp.set_defaults(run=_compare)
     return parser
 
 
@@ -154,7 +236,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, CalibrationError, json.JSONDecodeError) as err:
         print(f"slt-probe: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,29 +10,72 @@ import pytest
 
 from slt_probe.run_log import read_rows
 from slt_probe.cli import main
-from slt_probe.experiments.grokking import (build_model, preset, run_grokking,
-                                            summarize)
+from slt_probe.experiments.grokking import run_grokking
+from slt_probe.experiments.presets import LocalLLC, build_model, preset
+from slt_probe.experiments.summary import summarize
 from slt_probe.models import ModAddTransformer
 
 
-def test_short_modadd_run_memorises_and_its_llc_grows(tmp_path):
+def _tiny_config():
+    base = preset("modadd-mlp", quick=True)
+    return replace(base, model_kwargs={"p": 11, "embed_dim": 4, "hidden": 16},
+                   task_kwargs={"p": 11, "train_fraction": 0.5}, batch_size=32, num_steps=300,
+                   num_log_points=4, num_regular_points=2, num_eval_points=5,
+                   llc=replace(base.llc, num_draws=30, num_burnin=20, batch_size=32),
+                   local=LocalLLC(num_draws=30, batch_size=32, max_chains=4))
+
+
+def test_short_modadd_run_memorises_and_its_llc_grows_in_both_regimes(tmp_path):
     config = replace(preset("modadd-mlp", quick=True), num_steps=4000, num_log_points=6,
                      num_regular_points=2, num_eval_points=10,
-                     llc=replace(preset("modadd-mlp").llc, num_draws=80, num_burnin=100))
-    summary = run_grokking("modadd-mlp", config=config, out=tmp_path, verbose=False)
-    rows = read_rows(tmp_path / "llc.csv")
-    llc = [r for r in rows if r["llc_mean"] is not None]
-    assert len(llc) >= 6
-    for column in ("step", "llc_mean", "llc_std", "effective_params", "train_loss",
-                   "test_loss", "train_acc", "test_acc"):
-        assert column in rows[0]
-    assert summary["final_train_acc"] == 1.0
-    # memorising phase: the fitted network has more effective parameters than at init
-    assert summary["llc_final"] > summary["llc_init"] + 5 * summary["llc_init_std"]
-    assert {"summary.json", "manifest.json", "trajectory.png", "model.pt"} <= {
+                     llc=replace(preset("modadd-mlp").llc, num_draws=80, num_burnin=100),
+                     local=LocalLLC(num_draws=100))
+    summaries = run_grokking("modadd-mlp", config=config, out=tmp_path, verbose=False)
+    assert set(summaries) == {"local", "notebook"}
+    for regime, summary in summaries.items():
+        rows = read_rows(tmp_path / regime / "llc.csv")
+        llc = [r for r in rows if r["llc_mean"] is not None]
+        assert len(llc) >= 6
+        for column in ("step", "llc_mean", "llc_std", "effective_params", "excess_ratio",
+                       "local", "reasons", "localization", "nbeta", "train_loss",
+                       "test_loss", "train_acc", "test_acc"):
+            assert column in rows[0], column
+        assert summary["final_train_acc"] == 1.0
+        # memorising phase: the fitted network has more effective parameters than at init
+        assert summary["llc_final"] > summary["llc_init"] + 5 * summary["llc_init_std"], regime
+        assert {"summary.json", "manifest.json", "trajectory.png"} <= {
+            p.name for p in (tmp_path / regime).iterdir()}
+    local = read_rows(tmp_path / "local" / "llc.csv")
+    # one calibrated sampler for the whole run, chosen on the memorised checkpoint
+    assert len({(r["lr"], r["localization"]) for r in local if r["llc_mean"] is not None}) == 1
+    assert summaries["local"]["calibrated_on_step"] >= summaries["local"]["train_acc_100_step"]
+    assert summaries["local"]["max_excess_ratio"] is not None
+    # at nβ = 2 the notebook regime's chains are not local on the fitted network
+    assert summaries["notebook"]["not_local_points"] > 0
+    assert {"metrics.csv", "model.pt", "run.json", "checkpoints"} <= {
         p.name for p in tmp_path.iterdir()}
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["config"]["setup"] == "modadd-mlp" and "git_commit" in manifest
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["setup"] == "modadd-mlp" and "git_commit" in run
+
+
+def test_a_finished_run_is_reused_and_a_lost_estimate_is_redone(tmp_path, monkeypatch):
+    from slt_probe.experiments import grokking, training
+
+    first = run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
+                         regimes=["notebook"], verbose=False)
+    rows = read_rows(tmp_path / "notebook" / "llc.csv")
+    kept = [r for r in rows if r["step"] != rows[-1]["step"]]  # as if killed before the last
+    from slt_probe.run_log import write_csv_atomic
+    write_csv_atomic(tmp_path / "notebook" / "llc.csv", kept)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the finished training was redone")
+
+    monkeypatch.setattr(training.torch.optim.Adam, "step", must_not_train)
+    again = run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
+                         regimes=["notebook"], verbose=False)
+    assert again["notebook"]["llc_final"] == pytest.approx(first["notebook"]["llc_final"])
+    assert len(read_rows(tmp_path / "notebook" / "llc.csv")) == len(rows)
 
 
 def test_summary_reads_peak_fall_and_grokking_step():
@@ -81,7 +124,8 @@ def test_cli_grokking_rejects_unknown_setup(capsys):
 def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
     if setup == "mnist-mlp" and not os.environ.get("SLT_PROBE_MNIST_DIR"):
         pytest.skip("set SLT_PROBE_MNIST_DIR to the MNIST IDX folder")
-    summary = run_grokking(setup, quick=True, out=tmp_path, verbose=False)
+    summary = run_grokking(setup, quick=True, out=tmp_path, regimes=["local"],
+                           verbose=False)["local"]
     assert summary["final_train_acc"] == 1.0
     assert summary["grokked"], summary
     assert summary["num_llc_points"] >= 15
@@ -90,29 +134,30 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
     # asserted: it depends on what else the machine runs
 
 
-def _tiny_config():
-    base = preset("modadd-mlp", quick=True)
-    return replace(base, model_kwargs={"p": 11, "embed_dim": 4, "hidden": 16},
-                   task_kwargs={"p": 11, "train_fraction": 0.5}, batch_size=32, num_steps=300,
-                   num_log_points=4, num_regular_points=2, num_eval_points=5,
-                   llc=replace(base.llc, num_draws=30, num_burnin=20, batch_size=32))
-
-
 def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
     from slt_probe.experiments import compare
 
     kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False)
     rows = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
-    assert [r["activation"] for r in rows] == ["relu", "tanh"]
+    assert [(r["activation"], r["regime"]) for r in rows] == [
+        ("relu", "local"), ("relu", "notebook"), ("tanh", "local"), ("tanh", "notebook")]
     for row in rows:
         for key in ("llc_init", "llc_peak", "llc_final", "final_test_acc", "disagreement",
                     "prediction_variance", "init_mean_frequency", "init_lz"):
             assert row[key] is not None and math.isfinite(row[key]), key
         assert row["num_runs"] == 2
     summary = read_rows(tmp_path / "summary.csv")
-    assert len(summary) == 2 and (tmp_path / "trajectories.png").exists()
-    sampler = json.loads((tmp_path / "sampler.json").read_text())
-    assert sampler["lr"] == _tiny_config().llc.lr
+    assert len(summary) == 4 and (tmp_path / "trajectories_local.png").exists()
+    assert json.loads((tmp_path / "notebook_sampler.json").read_text())["lr"] == \
+        _tiny_config().llc.lr
+    # one calibration for every run of the local regime: the first run's
+    calibration = json.loads((tmp_path / "calibration.json").read_text())
+    assert calibration["calibrated_on"] == "relu/seed0"
+    gamma = calibration["calibration"]["sampler"]["localization"]
+    for act in ("relu", "tanh"):
+        for seed in (0, 1):
+            local = read_rows(tmp_path / act / f"seed{seed}" / "local" / "llc.csv")
+            assert {r["localization"] for r in local if r["llc_mean"] is not None} == {gamma}
 
     def must_not_train(*args, **kw):
         raise AssertionError("a finished run was recomputed")

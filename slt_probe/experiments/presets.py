@@ -1,10 +1,15 @@
 """Named grokking setups: the published configuration of each (deviations stated in
-``notes``), a quick variant that groks in minutes on 2 CPU cores, and the builders of
-their model, data and optimizer.
+``notes``), a quick variant that groks in minutes on 2 CPU cores, the two ways their LLC
+trajectories are estimated, and the builders of their model, data and optimizer.
 
 Three setups: ``modadd-transformer`` (Nanda et al. 2023), ``modadd-mlp`` (the devinterp
-grokking MLP) and ``mnist-mlp`` (Omnigrok's large-initialisation MNIST MLP). Not here:
-training (``grokking``), summaries (``summary``).
+grokking MLP) and ``mnist-mlp`` (Omnigrok's large-initialisation MNIST MLP).
+
+Two LLC regimes: ``local`` (the default: nβ = n/log n, ε, γ, warm-up and chains from
+``slt_probe.calibrate`` on the checkpoint at the end of memorisation, held fixed for the
+run, gradient correction where it applies) and ``notebook`` (the devinterp grokking
+notebook's nβ = 2 with a hand-chosen SGLD, kept for comparison). Not here: training
+(``training``), trajectories (``grokking``), summaries (``summary``).
 """
 from __future__ import annotations
 
@@ -13,16 +18,20 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from ..calibration import CalibrationGrid
 from ..models import ModAddMLP, ModAddTransformer, activation, mlp
 from ..probe import log_spaced_steps
 from ..samplers import SGLD
+from ..settings import EstimateSettings
 from .tasks import Task, mnist_task, modadd_task
+
+REGIMES = ("local", "notebook")
 
 
 @dataclass(frozen=True)
 class LLCSettings:
-    """The probe's sampler, held fixed for every estimate of a run (and across runs of a
-    comparison, so trajectories are comparable)."""
+    """The notebook regime's hand-chosen sampler at nβ = 2, held fixed for every estimate
+    of a run (and across the runs of a comparison)."""
 
     lr: float
     localization: float
@@ -35,6 +44,28 @@ class LLCSettings:
 
     def sampler(self) -> SGLD:
         return SGLD(lr=self.lr, localization=self.localization, nbeta=self.nbeta)
+
+    def settings(self) -> EstimateSettings:
+        # the devinterp notebook samples the loss as it is: no gradient correction
+        return EstimateSettings(sampler=self.sampler(), num_chains=self.num_chains,
+                                num_draws=self.num_draws, num_burnin=self.num_burnin,
+                                batch_size=self.batch_size, gradient_correction=False)
+
+
+@dataclass(frozen=True)
+class LocalLLC:
+    """The local regime: what the calibration may not change (draws, minibatch, the
+    chains it starts from) and its grid."""
+
+    num_chains: int = 4
+    num_draws: int = 200
+    batch_size: int = 128
+    max_chains: int = 16
+
+    def settings(self) -> EstimateSettings:
+        return EstimateSettings(sampler="auto", num_chains=self.num_chains,
+                                num_draws=self.num_draws, batch_size=self.batch_size,
+                                calibration_grid=CalibrationGrid(max_chains=self.max_chains))
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,7 @@ class GrokkingConfig:
     weight_decay: float
     num_steps: int
     llc: LLCSettings
+    local: LocalLLC = LocalLLC()
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int | None = None  # None: full batch
     init_scale: float = 1.0  # Omnigrok's α: every initial parameter multiplied by it
@@ -82,6 +114,14 @@ class GrokkingConfig:
     def eval_steps(self) -> list[int]:
         regular = range(0, self.num_steps + 1, max(1, self.num_steps // self.num_eval_points))
         return sorted({*regular, *self.llc_steps()})
+
+    def regime_settings(self, regime: str) -> EstimateSettings:
+        """The settings a trajectory in ``regime`` starts from."""
+        if regime == "local":
+            return self.local.settings()
+        if regime == "notebook":
+            return self.llc.settings()
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

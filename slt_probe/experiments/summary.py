@@ -1,6 +1,6 @@
 """What a finished grokking run shows, read from its rows: λ̂ at initialisation, peak and
-end, when train and test accuracy cross their thresholds, whether λ̂ falls after grokking;
-and the table over runs. Not here: training, plotting.
+end, when train and test accuracy cross their thresholds, whether λ̂ falls after grokking,
+how local its estimates were; and the table over runs. Not here: training, plotting.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from ..run_log import CSV_NAME, read_rows
 
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "trajectory.png"
-MODEL_NAME = "model.pt"  # the trained weights: comparisons read the runs' final functions
 
 
 def _first_step(rows: list[dict], key: str, threshold: float) -> int | None:
@@ -53,6 +52,13 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
         "grokked": grok is not None,
         "num_llc_points": len(llc_rows),
         "unhealthy_points": sum(1 for r in llc_rows if r.get("healthy") is False),
+        "not_local_points": sum(1 for r in llc_rows if r.get("local") is False),
+        "max_excess_ratio": max((r["excess_ratio"] for r in llc_rows
+                                 if r.get("excess_ratio") is not None), default=None),
+        "llc_init_excess_ratio": init.get("excess_ratio"),
+        "llc_peak_excess_ratio": peak.get("excess_ratio"),
+        "llc_final_excess_ratio": final.get("excess_ratio"),
+        "llc_seconds": sum(r.get("seconds") or 0.0 for r in llc_rows),
         "wall_seconds": wall_seconds, "probe_seconds": probe_seconds,
     }
     if grok is not None:
@@ -65,7 +71,7 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
 
 
 def load_run(folder: str | Path) -> tuple[dict, list[dict]] | None:
-    """A finished run's summary and rows, or None if the folder has no finished run."""
+    """A finished regime folder's summary and rows, or None if it is not finished."""
     folder = Path(folder)
     if not (folder / SUMMARY_NAME).exists() or not (folder / CSV_NAME).exists():
         return None
@@ -87,37 +93,48 @@ def aggregate(summaries: list[dict], keys=("llc_init", "llc_peak", "llc_final", 
 
 
 def report(root: str | Path, replot: bool = False) -> str:
-    """Markdown table over every finished run under ``root/<setup>/seed<k>``: LLC at init,
-    peak and end (mean ± std over seeds), where the peak and the fall sit relative to the
-    test-accuracy jump, and wall time. ``replot`` redraws each run's trajectory.png from
-    its llc.csv."""
+    """Markdown table over every finished run under ``root/<setup>/seed<k>/<regime>``: λ̂ at
+    init, peak and end (mean ± std over seeds) with their excess ratios, where the peak
+    and the fall sit relative to the test-accuracy jump, how many estimates were not
+    local, and the time spent estimating. ``replot`` redraws each run's trajectory.png."""
     root = Path(root)
-    header = ["setup", "seeds", "grokked", "λ̂ init", "λ̂ peak (step)", "λ̂ final",
-              "grokking step", "peak before grokking", "λ̂ falls after grokking",
-              "fall from peak", "wall s/run"]
+    header = ["setup", "regime", "seeds", "grokked", "λ̂ init (r)", "λ̂ peak (step; r)",
+              "λ̂ final (r)", "grokking step", "peak before grokking",
+              "λ̂ falls after grokking", "fall from peak", "points not local",
+              "estimating s/run"]
     table = []
     for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        folders = sorted(setup_dir.glob("seed*"))
-        runs = [load_run(d) for d in folders]
-        summaries = [r[0] for r in runs if r is not None]
-        if replot:
-            for folder, run in zip(folders, runs):
-                if run is not None:
-                    summary, rows = run
-                    plot_grokking(rows, folder / PLOT_NAME, grok_step=summary["grok_step"],
-                                  grok_accuracy=summary.get("grok_accuracy", 0.9),
-                                  title=f"{summary['setup']} ({summary['activation']}, "
-                                        f"seed {summary['seed']})")
-        if not summaries:
-            continue
-        agg = aggregate(summaries, keys=("llc_init", "llc_peak", "llc_peak_step", "llc_final",
-                                         "grok_step", "llc_fall_fraction", "wall_seconds"))
-
-        pm = lambda key, fmt=".3g": mean_pm_std(agg[key], agg[f"{key}_std"], fmt)  # noqa: E731
-        count = lambda key: f"{sum(bool(s.get(key)) for s in summaries)}/{len(summaries)}"  # noqa: E731
-        table.append([setup_dir.name, len(summaries), count("grokked"), pm("llc_init"),
-                      f"{pm('llc_peak')} ({pm('llc_peak_step', '.0f')})", pm("llc_final"),
-                      pm("grok_step", ".0f"), count("peak_before_grok"),
-                      count("llc_falls_after_grok"), pm("llc_fall_fraction", ".0%"),
-                      pm("wall_seconds", ".0f")])
+        regimes = sorted({p.name for p in setup_dir.glob("seed*/*") if p.is_dir()
+                          and (p / SUMMARY_NAME).exists()})
+        for regime in regimes:
+            folders = sorted(setup_dir.glob(f"seed*/{regime}"))
+            runs = [load_run(d) for d in folders]
+            summaries = [r[0] for r in runs if r is not None]
+            if replot:
+                for folder, run in zip(folders, runs):
+                    if run is not None:
+                        summary, rows = run
+                        plot_grokking(rows, folder / PLOT_NAME, grok_step=summary["grok_step"],
+                                      grok_accuracy=summary.get("grok_accuracy", 0.9),
+                                      title=f"{summary['setup']} ({summary['activation']}, "
+                                            f"seed {summary['seed']}, {regime} LLC)")
+            if not summaries:
+                continue
+            agg = aggregate(summaries, keys=(
+                "llc_init", "llc_peak", "llc_peak_step", "llc_final", "grok_step",
+                "llc_fall_fraction", "llc_seconds", "llc_init_excess_ratio",
+                "llc_peak_excess_ratio", "llc_final_excess_ratio"))
+            pm = lambda key, fmt=".3g": mean_pm_std(agg[key], agg[f"{key}_std"], fmt)  # noqa: E731
+            count = lambda key: f"{sum(bool(s.get(key)) for s in summaries)}/{len(summaries)}"  # noqa: E731
+            ratio = lambda key: mean_pm_std(agg[key], None, ".2f")  # noqa: E731
+            not_local = sum(s.get("not_local_points") or 0 for s in summaries)
+            points = sum(s.get("num_llc_points") or 0 for s in summaries)
+            table.append([setup_dir.name, regime, len(summaries), count("grokked"),
+                          f"{pm('llc_init')} ({ratio('llc_init_excess_ratio')})",
+                          f"{pm('llc_peak')} ({pm('llc_peak_step', '.0f')}; "
+                          f"{ratio('llc_peak_excess_ratio')})",
+                          f"{pm('llc_final')} ({ratio('llc_final_excess_ratio')})",
+                          pm("grok_step", ".0f"), count("peak_before_grok"),
+                          count("llc_falls_after_grok"), pm("llc_fall_fraction", ".0%"),
+                          f"{not_local}/{points}", pm("llc_seconds", ".0f")])
     return "\n".join(markdown_table(header, table)) + "\n"

@@ -6,6 +6,7 @@ under which λ is stated.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +27,9 @@ class KnownProblem:
     y: Tensor
     true_lambda: Fraction
     loss_fn: str = "gaussian_nll"
+    # λ = d/2 with a non-degenerate Hessian at w*: the Laplace (Gaussian) posterior gives
+    # E[λ̂] from the Hessian's eigenvalues
+    regular: bool = False
 
     @property
     def num_params(self) -> int:
@@ -78,7 +82,30 @@ class KnownProblem:
             h = torch.linalg.eigvalsh(x.T @ x / len(x))
             per_output = float((0.5 * nbeta * h / (nbeta * h + localization)).sum())
             return per_output * self.model.out_features
+        if self.regular:
+            # to second order the same Gaussian, with the Hessian of L_n at w*
+            h = torch.linalg.eigvalsh(self.hessian())
+            return float((0.5 * nbeta * h / (nbeta * h + localization)).sum())
         return None
+
+    def hessian(self) -> Tensor:
+        """The Hessian of L_n at the current weights (float64, d × d)."""
+        loss = resolve_loss(self.loss_fn).batch
+        model = copy.deepcopy(self.model).double()
+        names = [n for n, _ in model.named_parameters()]
+        shapes = [p.shape for _, p in model.named_parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        x, y = self.x.double(), self.y.double()
+
+        def objective(w):
+            params, offset = {}, 0
+            for name, shape in zip(names, shapes):
+                size = math.prod(shape)
+                params[name] = w[offset:offset + size].view(shape)
+                offset += size
+            return loss(torch.func.functional_call(model, params, (x,)), y)
+
+        return torch.autograd.functional.hessian(objective, flat)
 
 
 class Monomial(nn.Module):
@@ -160,6 +187,39 @@ def regular(d_in: int = 20, d_out: int = 1, n: int = 20_000, seed: int = 0) -> K
         y = model(x) + torch.randn(n, d_out, generator=g)
     return KnownProblem(f"regular d={d_in * d_out}", model, x, y,
                         regular_lambda(d_in * d_out))
+
+
+class TanhNetwork(nn.Module):
+    """x → W2 · tanh(W1 x + b1) + b2: a one-hidden-layer tanh network."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.hidden = nn.Linear(d_in, hidden)
+        self.out = nn.Linear(hidden, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def tanh_teacher_student(n: int = 50_000, seed: int = 0) -> KnownProblem:
+    """A student of the teacher's size at an identifiable tanh teacher (three hidden units
+    with distinct, non-zero incoming weights, biases and outgoing weights; inputs from
+    N(0, 1.5²), so the units work in their nonlinear range): a regular point, λ = d/2
+    (d = 13), with unit Gaussian noise on the teacher's output. Its Hessian's smallest
+    eigenvalue is about 0.005, so nβh ≫ γ for γ ≤ 10 at this n."""
+    g = torch.Generator().manual_seed(seed)
+    model = TanhNetwork(2, 3, 1)
+    with torch.no_grad():
+        model.hidden.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.7, 0.7]]))
+        model.hidden.bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
+        model.out.weight.copy_(torch.tensor([[2.0, -2.0, 2.0]]))
+        model.out.bias.copy_(torch.tensor([0.0]))
+    x = 1.5 * _noise_data(n, 2, g)
+    with torch.no_grad():
+        y = model(x) + torch.randn(n, 1, generator=g)
+    d = sum(p.numel() for p in model.parameters())
+    return KnownProblem("tanh teacher-student 2-3-1", model, x, y, regular_lambda(d),
+                        regular=True)
 
 
 @dataclass(frozen=True)
