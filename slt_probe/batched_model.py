@@ -10,6 +10,7 @@ noise, batching, estimator arithmetic.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
@@ -38,9 +39,17 @@ class BatchedModel:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.layout = ParameterLayout.of(model)
         self.loss = loss
+        # Half-precision weights are sampled in float32: SGLD's steps (ε/2·nβ·∇L, √ε·ξ)
+        # are far below float16/bfloat16 resolution, which would bias λ̂.
+        self.model_dtype = self.layout.dtype
+        self.upcast = self.model_dtype in (torch.float16, torch.bfloat16)
+        if self.upcast:
+            self.layout = dataclasses.replace(self.layout, dtype=torch.float32)
         self.names, self.shapes, self.dim = self.layout.names, self.layout.shapes, self.layout.dim
         self.device, self.dtype = self.layout.device, self.layout.dtype
         self.module = copy.deepcopy(model).eval()
+        if self.upcast:
+            self.module.float()
         for p in self.module.parameters():
             p.requires_grad_(False)
         trainable_names = set(self.names)
@@ -166,6 +175,20 @@ class BatchedModel:
                                             device=w.device) if g is None
                                 else g.reshape(-1).double() for n, g in zip(self.names, grads)])
         return total / len(x)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """``x`` on the model's device, in float32 where half-precision weights are
+        sampled in float32."""
+        x = x.to(self.device)
+        if self.upcast and x.dtype == self.model_dtype:
+            x = x.float()
+        return x
+
+    @property
+    def precision(self) -> str:
+        if self.upcast:
+            return f"float32 (the model's {self.model_dtype} weights are sampled in float32)"
+        return str(self.dtype).replace("torch.", "")
 
     def output_sample(self, w: Tensor, x: Tensor) -> Tensor:
         """The model's output on the first few examples at ``w`` (d,): its shape and dtype.

@@ -173,10 +173,17 @@ def _grokking_report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported in one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slt-probe", description="Local learning "
-                                     "coefficient (effective parameter count) estimates.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="slt-probe", description="Local learning coefficient (effective "
+                     "parameter count) estimates.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     est = sub.add_parser("estimate", help="estimate λ̂ on a bundled problem with known λ")
     est.add_argument("--case", choices=sorted(problems.CASES), default="rrr-5-4-5-r0")
     est.add_argument("--lr", type=positive_float, default=None,

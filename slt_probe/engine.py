@@ -67,7 +67,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
     if settings.auto:
         raise ValueError("run_estimate needs a concrete sampler; calibrate first")
     started = time.perf_counter()
-    x = x.to(model.device)
+    x = model.inputs(x)
     y = y.to(model.device)
     point = point or measure_point(model, w_star, x, y, settings)
     n = len(x)
@@ -86,6 +86,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
               "num_params": model.dim,
               "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,
               "loss_fn": model.loss.name, "compiled": model.compiled,
+              "precision": model.precision,
               "gradient_correction": corrected,
               "gradient_correction_setting": settings.gradient_correction,
               "gradient_norm": norm_sq ** 0.5 if point.gradient is not None else None,

@@ -45,8 +45,9 @@ def _find(directory: Path, stem: str) -> Path | None:
 def mnist_dir(directory: str | Path | None = None) -> Path:
     directory = directory or os.environ.get(ENV_VAR)
     if not directory:
-        raise FileNotFoundError(f"no MNIST directory given: pass data_dir=... (or --mnist-dir) "
-                                f"or set {ENV_VAR} to a folder holding the IDX files")
+        raise FileNotFoundError(f"no MNIST folder given: set {ENV_VAR} (or pass --mnist-dir on "
+                                "the command line, directory= in Python) to a folder holding "
+                                "the IDX files")
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"MNIST directory {path} does not exist")
@@ -62,8 +63,11 @@ def load_mnist(split: str = "test", directory: str | Path | None = None
     files = [_find(path, stem) for stem in SPLITS[split]]
     for stem, found in zip(SPLITS[split], files):
         if found is None:
-            raise FileNotFoundError(f"{path} has no {stem} (or {stem}.gz); put the standard "
-                                    f"MNIST IDX files there or point {ENV_VAR} elsewhere")
+            raise FileNotFoundError(
+                f"{path} has no {stem} (or {stem}.gz), the {split} split; the bundled "
+                f"experiments need one split: t10k-images-idx3-ubyte and "
+                f"t10k-labels-idx1-ubyte (the 10,000-image test split) or the train split's "
+                f"two files, gzipped or not, in the folder {ENV_VAR} or --mnist-dir names")
     images, labels = (read_idx(f) for f in files)
     if len(images) != len(labels):
         raise ValueError(f"{files[0].name} has {len(images)} images but {files[1].name} has "

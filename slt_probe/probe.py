@@ -67,7 +67,13 @@ class LLCProbe:
             memory without a log_dir) and estimated right after the calibration, so the
             whole trajectory shares one sampler chosen on a trained network; training is
             never blocked before that step.
+        resume_changed_settings: continue a ``log_dir`` that holds a run with other
+            settings (otherwise an error names the differing fields); the manifest records
+            from which step on each set of settings applies.
         verbose: progress bars.
+
+    One probe writes a ``log_dir`` at a time: a second writer (another process, or
+    another probe) is refused until the first is detached or ends.
 
     Every estimate uses the same sampler and seed, so differences along the trajectory
     are not blurred by fresh sampling noise (common random numbers). A calibration
@@ -90,7 +96,7 @@ class LLCProbe:
                  loss_fn="cross_entropy", every: int | None = 200,
                  steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
                  at_start: bool = True, calibrate_at: int | None = None,
-                 verbose: bool = True, **overrides):
+                 resume_changed_settings: bool = False, verbose: bool = True, **overrides):
         if data is None:
             raise ValueError("data is required: the probe estimates λ̂ on the training data")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)
@@ -121,12 +127,12 @@ class LLCProbe:
         self.probe_seconds = 0.0
         self._attached_at: float | None = None
         self._handle = None
-        manifest = {"started_at": datetime.now(timezone.utc).isoformat(),
-                    "settings": self.settings.to_dict(), "loss_fn": self.batched.loss.name,
-                    "every": every, "steps": sorted(self.scheduled_steps),
-                    "num_examples": len(self.x), "num_params": self.batched.dim,
-                    "versions": versions()}
-        self._log = TrajectoryLog(log_dir, manifest)
+        request = {"settings": self.settings.to_dict(), "loss_fn": self.batched.loss.name,
+                   "num_examples": len(self.x), "num_params": self.batched.dim}
+        manifest = {"started_at": datetime.now(timezone.utc).isoformat(), "request": request,
+                    "settings": self.settings.to_dict(), "every": every,
+                    "steps": sorted(self.scheduled_steps), "versions": versions()}
+        self._log = TrajectoryLog(log_dir, manifest, allow_changed=resume_changed_settings)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         if self.settings.auto and self.log_dir is not None:
             recorded = self._log.manifest().get("calibration")
@@ -235,6 +241,7 @@ class LLCProbe:
             raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self._handle is not None:
             raise RuntimeError("probe is already attached; call detach() first")
+        self._log.ensure_locked()
         self._attached_at = time.perf_counter()
         self.step_count = start_step
         self._handle = optimizer.register_step_post_hook(self._after_step)
@@ -246,13 +253,17 @@ class LLCProbe:
 
     def detach(self) -> None:
         """Remove the hook, run a pending automatic calibration on the final weights (and
-        estimate the kept steps), and write any metrics logged since the last estimate."""
+        estimate the kept steps), write any metrics logged since the last estimate, and
+        release the log folder for another writer."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        if self.settings.auto and self._pending:
-            self.calibrate_now()
-        self._log.flush()
+        try:
+            if self.settings.auto and self._pending:
+                self.calibrate_now()
+            self._log.flush()
+        finally:
+            self._log.release()
 
     def __enter__(self) -> "LLCProbe":
         return self
@@ -325,4 +336,5 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
             probe.estimate(step)
     finally:
         model.load_state_dict(original)
+        probe.detach()
     return probe.history

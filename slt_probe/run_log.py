@@ -13,8 +13,10 @@ import os
 import platform
 import random
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,8 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+try:  # POSIX: an advisory lock the kernel drops when its process ends
+    import fcntl
+except ImportError:  # pragma: no cover - not on the platforms slt_probe is tested on
+    fcntl = None
+
 CSV_NAME = "llc.csv"
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".writer.lock"
 LLC_COLUMNS = ["step", "llc_mean", "llc_std", "llc_sem", "effective_params", "init_loss",
                "mean_sampled_loss", "excess_ratio", "local", "healthy", "reasons", "rhat",
                "ess", "num_diverged", "sampler", "lr", "localization", "nbeta",
@@ -113,21 +121,79 @@ def preserved_state(model: nn.Module):
                         p.grad = grad
 
 
+class WriterLock:
+    """One writer per log folder: an exclusive ``flock`` on ``LOCK_NAME`` held until
+    ``release`` (or until the process ends: the kernel drops it, so a killed run never
+    blocks its own resume). A second writer, in this or another process, is refused."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self._file = open(self.path, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "another writer"
+                self._file.close()
+                raise RuntimeError(
+                    f"{folder} is already being written ({holder}); a second writer would "
+                    "lose rows. Use another log_dir, or let the first run finish") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {platform.node()}, since "
+                         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        self._file.flush()
+        self._finalizer = weakref.finalize(self, self._file.close)
+
+    def release(self) -> None:
+        self._finalizer()
+
+    @property
+    def held(self) -> bool:
+        return self._finalizer.alive
+
+
+def settings_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``field: old → new`` for every field that differs (nested dicts by dotted name).
+
+    >>> settings_changes({"lr": 1e-4, "sampler": {"gamma": 1}}, {"lr": 1e-3, "sampler": {"gamma": 1}})
+    ['lr: 0.0001 → 0.001']
+    """
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += settings_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old} → {new}")
+    return changes
+
+
 class TrajectoryLog:
     """Rows keyed by step, rewritten atomically to ``llc.csv`` on ``flush`` (after every
     estimate; metrics logged between estimates are written with the next one or on
-    detach), with a ``manifest.json`` beside it."""
+    detach), with a ``manifest.json`` beside it and a writer lock on the folder.
 
-    def __init__(self, log_dir: str | Path | None, manifest: dict):
+    ``manifest["request"]`` is what the caller asked for (settings, loss, data and model
+    sizes). Resuming a folder with a different request is an error naming the differing
+    fields, unless ``allow_changed`` is set: the manifest then records in
+    ``request_history`` from which step on each request applies.
+    """
+
+    def __init__(self, log_dir: str | Path | None, manifest: dict, *,
+                 allow_changed: bool = False):
         self.rows: dict[int, dict] = {}
         self.path = None
         self.manifest_path = None
+        self.lock = None
         if log_dir is None:
             return
         log_dir = Path(log_dir)
         if log_dir.exists() and not log_dir.is_dir():
             raise ValueError(f"log_dir {log_dir} exists and is a file, not a directory")
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = WriterLock(log_dir)
         self.path = log_dir / CSV_NAME
         if self.path.exists():
             for row in read_rows(self.path):
@@ -135,9 +201,33 @@ class TrajectoryLog:
         self.manifest_path = log_dir / MANIFEST_NAME
         if self.manifest_path.exists():
             previous = json.loads(self.manifest_path.read_text())
+            changes = settings_changes(previous.get("request", {}), manifest.get("request", {}))
+            if changes and not allow_changed:
+                self.lock.release()
+                raise ValueError(
+                    f"{log_dir} holds a run with other settings ({'; '.join(changes)}); "
+                    "resume with the same settings, use another log_dir, or pass "
+                    "resume_changed_settings=True to continue (the manifest then records "
+                    "which rows came from which settings)")
+            if changes:
+                done = [s for s, r in self.rows.items() if r.get("llc_mean") is not None]
+                history = previous.setdefault("request_history", [
+                    {"from_step": 0, "request": previous.get("request")}])
+                history.append({"from_step": max(done, default=-1) + 1,
+                                "request": manifest["request"]})
+                previous["request"] = manifest["request"]
             previous.setdefault("resumed_at", []).append(manifest["started_at"])
             manifest = previous
         write_json_atomic(self.manifest_path, manifest)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def ensure_locked(self) -> None:
+        """Take the folder's writer lock again after ``release`` (a re-attached probe)."""
+        if self.lock is not None and not self.lock.held:
+            self.lock = WriterLock(self.path.parent)
 
     def manifest(self) -> dict:
         if self.manifest_path is None:

@@ -39,8 +39,17 @@ def test_missing_file_is_named_with_how_to_fix(tmp_path):
 
 def test_missing_directory_setting_is_explained(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    with pytest.raises(FileNotFoundError, match=ENV_VAR):
+    with pytest.raises(FileNotFoundError, match=ENV_VAR) as error:
         load_mnist("test")
+    assert "--mnist-dir" in str(error.value) and "data_dir" not in str(error.value)
+
+
+def test_a_folder_without_either_split_names_the_test_files_that_suffice(tmp_path):
+    from slt_probe.experiments.tasks import mnist_task
+
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte") as error:
+        mnist_task(1000, seed=0, directory=tmp_path)
+    assert "train split" in str(error.value)
 
 
 def test_bad_magic_is_rejected(tmp_path):
@@ -49,7 +58,8 @@ def test_bad_magic_is_rejected(tmp_path):
         read_idx(tmp_path / "f")
 
 
-@pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"{ENV_VAR} not set")
+@pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"set {ENV_VAR} to the folder with the "
+                    "MNIST IDX files (found automatically at ../shared/data/mnist)")
 def test_reads_the_real_mnist_test_split():
     x, y = load_mnist("test")
     assert x.shape == (10_000, 28, 28)

@@ -44,8 +44,11 @@ def mnist_task(num_train: int, seed: int, directory=None) -> Task:
     (the test split if both are: it is the one shipped in ../shared/data/mnist)."""
     try:
         images, labels = load_mnist("test", directory)
-    except FileNotFoundError:
-        images, labels = load_mnist("train", directory)
+    except FileNotFoundError as missing_test:
+        try:
+            images, labels = load_mnist("train", directory)
+        except FileNotFoundError:
+            raise missing_test from None  # it names the t10k files, which suffice
     if not 0 < num_train < len(images):
         raise ValueError(f"num_train must be in (0, {len(images)}), got {num_train}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
