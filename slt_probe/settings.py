@@ -19,8 +19,11 @@ GRADIENT_CORRECTIONS = ("auto", True, False)
 # the best constant predictor's loss has left the neighbourhood of w* (``diagnostics``).
 DEFAULT_MAX_EXCESS_RATIO = 0.25
 # "auto" gradient correction: on when the plain estimator's first-order bias bound
-# nβ²‖g‖²/γ exceeds this many nats (one nat is two effective parameters).
-CORRECTION_THRESHOLD = 1.0
+# nβ²‖g‖²/γ exceeds this many nats. It costs one full-data gradient, so it is on wherever
+# the linear term could move λ̂ by a visible amount; near this bound switching it on or
+# off moves λ̂ by about the bound (measured along trained trajectories), well below its
+# standard error.
+CORRECTION_THRESHOLD = 0.1
 
 
 def default_nbeta(num_examples: int) -> float:
@@ -64,7 +67,7 @@ class EstimateSettings:
         gradient_correction: ``True`` samples L(w) − g·(w − w*) with g = ∇L_n(w*) (for
             points that are not minima) and reports nβ·E[L(w) − L(w*) − g·(w − w*)];
             ``"auto"`` turns it on when nβ²‖g‖²/γ, the plain estimator's first-order bias
-            bound, exceeds ``CORRECTION_THRESHOLD`` (1 nat).
+            bound, exceeds ``CORRECTION_THRESHOLD`` (0.1 nat).
         max_excess_ratio: the locality limit: chains whose mean loss gave back more than
             this fraction of the gap between L_n(w*) and the best constant predictor's
             loss have left the neighbourhood of w*.

@@ -61,8 +61,9 @@ def test_auto_switches_on_exactly_when_the_bias_bound_exceeds_the_threshold(shif
 def test_correction_rule_and_its_inputs():
     assert correction_applies(True, 0.0, 100.0, 1.0)
     assert not correction_applies(False, 1e6, 100.0, 1.0)
+    assert correction_applies("auto", 2e-5, 100.0, 1.0)  # 0.2 nat
     assert correction_applies("auto", 1e-3, 100.0, 1.0)  # 10 nats
-    assert not correction_applies("auto", 1e-5, 100.0, 1.0)  # 0.1 nat
+    assert not correction_applies("auto", 1e-6, 100.0, 1.0)  # 0.01 nat
     assert correction_applies("auto", 1e-9, 100.0, 0.0)  # no localisation: any gradient
 
 
