@@ -13,7 +13,8 @@ from .settings import EstimateSettings, resolve_settings
 
 
 def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = None, *,
-                 loss_fn="cross_entropy", verbose: bool = True, **overrides) -> LLCResult:
+                 loss_fn="cross_entropy", output=None, verbose: bool = True,
+                 **overrides) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
 
     λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior
@@ -26,7 +27,10 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
         data: a DataLoader, a map-style Dataset, or a tuple ``(x, y)`` of tensors.
         settings: an ``EstimateSettings`` (default ``EstimateSettings()``).
         loss_fn: ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"`` or a callable
-            ``(output, target) -> loss``.
+            ``(output, target) -> loss`` (a batch mean or per-example values).
+        output: which part of the model's output is the prediction when it is not a
+            tensor: an index, a key or a callable (default: a dict's or Hugging Face
+            ``ModelOutput``'s ``"logits"``, a tuple's first element).
         verbose: show a progress bar.
         **overrides: fields of ``EstimateSettings`` (``sampler=``, ``num_chains=``, …),
             the short form of ``settings``.
@@ -55,12 +59,12 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     settings = resolve_settings(settings, overrides)
     loss = resolve_loss(loss_fn)
     x, y = as_tensors(data)
-    batched = BatchedModel(model, loss, compile=settings.compile and settings.backend == "native")
+    batched = BatchedModel.for_settings(model, loss, settings, output=output)
     w_star = batched.flatten(model)
     calibration = None
     if settings.auto:
-        calibration = calibrate(model, (x, y), settings, loss_fn=loss_fn, verbose=verbose,
-                                batched=batched)
+        calibration = calibrate(model, (x, y), settings, loss_fn=loss_fn, output=output,
+                                verbose=verbose, batched=batched)
         settings = calibration.apply(settings)
     result = run_estimate(batched, w_star, x, y, settings, verbose=verbose)
     if calibration is not None:

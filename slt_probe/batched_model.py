@@ -1,14 +1,20 @@
 """A model seen as a pure function of a flat parameter vector, evaluated for all chains at once.
 
 Chains are the leading dimension of one flat buffer ``W`` (chains × d). The forward pass
-sees per-parameter views of it through ``torch.func.functional_call`` under ``vmap``,
-so every chain advances in one batched computation and no module is ever copied per
-step. The user's module is copied once (to put the copy in eval mode and leave the
-original untouched). Not here: which coordinates are sampled (``parameter_layout``),
-noise, batching, estimator arithmetic.
+sees per-parameter views of it through ``torch.func.functional_call``, so no module is
+copied per step. The user's module is copied once (eval mode, the original untouched).
+
+How the chains are computed is chosen once per model, on its first batch, as the fastest
+path that works (``COMPUTE_PATHS``): ``vmap`` over chains; ``vmap`` with torch's math
+implementation of attention (the fused kernels of ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` have no derivative, and flash attention no batching rule);
+or a loop over chains with one backward pass for all of them (recurrent layers have no
+batching rule). All give the same numbers. Not here: which coordinates are sampled
+(``parameter_layout``), noise, batching, estimator arithmetic.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -18,36 +24,107 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .losses import Loss
 from .parameter_layout import ParameterLayout
 
 _EVAL_CHUNK = 4096
+COMPUTE_PATHS = ("vmap", "vmap, math attention", "loop over chains")
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_output(out, output=None) -> Tensor:
+    """The prediction in a model's output: ``output`` names it (an index, a key or a
+    callable); by default a tensor is itself, a dict or Hugging Face ``ModelOutput`` gives
+    its ``"logits"``, a tuple its first element.
+
+    >>> select_output((torch.ones(2), torch.zeros(2))).tolist()
+    [1.0, 1.0]
+    >>> select_output({"logits": torch.zeros(1), "loss": torch.ones(())}).tolist()
+    [0.0]
+    """
+    if callable(output):
+        out = output(out)
+    elif output is not None:
+        try:
+            out = out[output]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"output={output!r} names nothing in the model's output "
+                             f"({type(out).__name__})") from err
+    elif isinstance(out, Mapping):
+        if "logits" not in out:
+            raise ValueError(f"the model returns a mapping without 'logits' (keys "
+                             f"{list(out)}); name the prediction with output=...")
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model's prediction must be a tensor, got {type(out).__name__}; "
+                        "name it with output=... (an index, a key or a callable)")
+    return out
+
+
+def take(x, index):
+    """``x[index]`` for a tensor or a dict of tensors (keyword inputs)."""
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
+
+
+def num_examples(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
 
 
 class BatchedModel:
     """The user's model as ``loss(W, x, y)`` over chains: a private eval-mode copy whose
     trainable parameters are read from a flat (chains × d) buffer.
 
-    ``layout`` says where each parameter sits in that buffer; ``frozen`` holds what is not
-    sampled (parameters without ``requires_grad``, buffers), updated only by
-    ``load_buffers``.
+    Args:
+        model: the user's module (copied once).
+        loss: the resolved loss.
+        output: which part of the model's output is the prediction (``select_output``).
+        compile: compile the batched gradient with ``torch.compile``.
+        chain_batch: compute at most this many chains at once (memory); the numbers are
+            those of one group.
+        precision: ``"float32"`` (default), or ``"bfloat16"``/``"float16"`` autocast for the
+            forward and backward passes; losses are then accumulated in float32/float64.
+        device: where to sample (default: where the model's parameters are).
+        path: one of ``COMPUTE_PATHS``, or ``"auto"`` (the fastest that works, chosen on
+            the first batch).
     """
 
-    def __init__(self, model: nn.Module, loss: Loss, *, compile: bool = False):
+    def __init__(self, model: nn.Module, loss: Loss, *, output=None, compile: bool = False,
+                 chain_batch: int | None = None, precision: str = "float32",
+                 device=None, path: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if path != "auto" and path not in COMPUTE_PATHS:
+            raise ValueError(f"path must be 'auto' or one of {COMPUTE_PATHS}, got {path!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if chain_batch is not None and (isinstance(chain_batch, bool)
+                                        or not isinstance(chain_batch, int) or chain_batch < 1):
+            raise ValueError(f"chain_batch must be a positive int or None, got {chain_batch!r}")
         self.layout = ParameterLayout.of(model)
         self.loss = loss
+        self.output = output
+        self.chain_batch = chain_batch
+        self.autocast_dtype = PRECISIONS[precision]
+        self.precision_name = precision
         # Half-precision weights are sampled in float32: SGLD's steps (ε/2·nβ·∇L, √ε·ξ)
         # are far below float16/bfloat16 resolution, which would bias λ̂.
         self.model_dtype = self.layout.dtype
         self.upcast = self.model_dtype in (torch.float16, torch.bfloat16)
-        if self.upcast:
-            self.layout = dataclasses.replace(self.layout, dtype=torch.float32)
+        target = torch.device(device) if device is not None else self.layout.device
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {target} was asked for but CUDA is not available here")
+        self.layout = dataclasses.replace(
+            self.layout, dtype=torch.float32 if self.upcast else self.layout.dtype,
+            device=target)
         self.names, self.shapes, self.dim = self.layout.names, self.layout.shapes, self.layout.dim
         self.device, self.dtype = self.layout.device, self.layout.dtype
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(model).eval().to(self.device)
         if self.upcast:
             self.module.float()
         for p in self.module.parameters():
@@ -55,18 +132,26 @@ class BatchedModel:
         trainable_names = set(self.names)
         self.frozen = {n: p for n, p in self.module.named_parameters() if n not in trainable_names}
         self.frozen.update(dict(self.module.named_buffers()))
-        self._grad_fn = vmap(grad_and_value(self._batch_loss), in_dims=(0, 0, 0))
-        self._loss_fn = vmap(self._batch_loss, in_dims=(0, 0, 0))
-        self._forward_chains = vmap(self._forward, in_dims=(0, 0))
-        self._step_grads = self._grads_autograd
+        self.path: str | None = None  # chosen (or checked) on the first batch
+        self._candidates = COMPUTE_PATHS if path == "auto" else (path,)
+        self.path_note = ""
         self.compiled = False
-        if compile:
-            self._try_compile()
+        self._compile = compile
+        self._compiled_grads = None
+
+    @classmethod
+    def for_settings(cls, model: nn.Module, loss: Loss, settings, output=None) -> "BatchedModel":
+        """The batched model an ``EstimateSettings`` asks for (compiled only on the native
+        backend)."""
+        return cls(model, loss, output=output,
+                   compile=settings.compile and settings.backend == "native",
+                   chain_batch=settings.chain_batch, precision=settings.precision,
+                   device=settings.device, path=settings.compute_path)
 
     # -- parameters -------------------------------------------------------------------
     def flatten(self, model: nn.Module | None = None) -> Tensor:
         """Flat copy of the trainable parameters of ``model`` (default: the wrapped copy)."""
-        return self.layout.flatten(model or self.module)
+        return self.layout.flatten(model or self.module).to(self.device)
 
     def load_point(self, state: Mapping[str, Tensor]) -> Tensor:
         """w* from a state_dict with this architecture: its trainable parameters as a flat
@@ -91,94 +176,171 @@ class BatchedModel:
         return self.layout.views(w)
 
     # -- evaluation -----------------------------------------------------------------
-    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(self.module, (params, self.frozen), (x,))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"model must return a tensor, got {type(out).__name__}")
-        return out
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.path != "vmap":
+            # torch's math path for attention: differentiable and batchable
+            previous = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        return stack
 
-    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _forward(self, params: dict[str, Tensor], x) -> Tensor:
+        if isinstance(x, Mapping):
+            out = functional_call(self.module, (params, self.frozen), (), dict(x))
+        else:
+            out = functional_call(self.module, (params, self.frozen), (x,))
+        out = select_output(out, self.output)
+        return out.float() if self.autocast_dtype is not None else out
+
+    def _batch_loss(self, params: dict[str, Tensor], x, y: Tensor) -> Tensor:
         return self.loss.batch(self._forward(params, x), y)
 
-    def _grads_functional(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _chain_losses(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-chain mean losses from (chains, batch, …) outputs."""
+        chains, batch = out.shape[0], out.shape[1]
+        if self.loss.vectorised:
+            flat_out = out.reshape(chains * batch, *out.shape[2:])
+            flat_y = y.reshape(chains * batch, *y.shape[2:])
+            return self.loss.per_example(flat_out, flat_y).view(chains, batch).mean(1)
+        return vmap(self.loss.batch)(out, y)
+
+    def _grads_vmap(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
+        """vmap only the forward, then one reverse pass for all chains (measured ~30 %
+        faster than ``vmap(grad)`` on small models: no per-call functorch wrapping, and the
+        loss runs once on the flattened outputs)."""
+        leaves = {n: v.detach().requires_grad_() for n, v in self.views(w).items()}
+        with torch.enable_grad(), self._context():
+            out = vmap(self._forward, in_dims=(0, 0))(leaves, x)
+            losses = self._chain_losses(out, y)
+            grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in self.names],
+                                        allow_unused=True)
+        # One strided copy per parameter into the flat buffer (reshape + cat would copy
+        # the non-contiguous gradients of batched matmuls twice).
+        flat = torch.zeros_like(w) if any(g is None for g in grads) else torch.empty_like(w)
+        for view, g in zip(self.views(flat).values(), grads):
+            if g is not None:
+                view.copy_(g)
+        return losses.detach(), flat
+
+    def _grads_loop(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward per chain, one backward for all: for layers without batching rules."""
+        leaf = w.detach().requires_grad_()
+        with torch.enable_grad(), self._context():
+            outs = [self._forward(self.views(leaf[c]), take(x, c)) for c in range(len(w))]
+            losses = self._chain_losses(torch.stack(outs), y)
+            (flat,) = torch.autograd.grad(losses.sum(), [leaf])
+        return losses.detach(), flat
+
+    def _grads_functional(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
         """``vmap(grad)``: the form ``torch.compile`` can trace."""
-        grads, losses = self._grad_fn(self.views(w), x, y)
+        grads, losses = vmap(grad_and_value(self._batch_loss), in_dims=(0, 0, 0))(
+            self.views(w), x, y)
         flat = torch.cat([grads[n].reshape(w.shape[0], -1) for n in self.names], dim=1)
         return losses, flat
 
-    def _grads_autograd(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Eager: vmap only the forward, then one reverse pass for all chains.
+    def _grads(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.path == "loop over chains":
+            return self._grads_loop(w, x, y)
+        if self._compiled_grads is not None:
+            return self._compiled_grads(w, x, y)
+        return self._grads_vmap(w, x, y)
 
-        Measured ~30 % faster than ``vmap(grad)`` on small models: no per-call functorch
-        wrapping, and the loss runs once on the flattened (chains·batch) outputs instead of
-        through vmap's decompositions.
-        """
-        chains, batch = x.shape[0], x.shape[1]
-        leaves = {n: v.detach().requires_grad_() for n, v in self.views(w).items()}
-        with torch.enable_grad():
-            out = self._forward_chains(leaves, x)
-            if self.loss.vectorised:
-                flat_out = out.reshape(chains * batch, *out.shape[2:])
-                flat_y = y.reshape(chains * batch, *y.shape[2:])
-                losses = self.loss.per_example(flat_out, flat_y).view(chains, batch).mean(1)
-            else:
-                losses = vmap(self.loss.batch)(out, y)
-            grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in self.names])
-        # One strided copy per parameter into the flat buffer (reshape + cat would copy
-        # the non-contiguous gradients of batched matmuls twice).
-        flat = torch.empty_like(w)
-        for view, g in zip(self.views(flat).values(), grads):
-            view.copy_(g)
-        return losses.detach(), flat
+    def _choose_path(self, w: Tensor, x, y: Tensor) -> None:
+        """Try each path on this batch, fastest first; keep the first that works."""
+        errors = []
+        for path in self._candidates:
+            self.path = path
+            try:
+                with warnings.catch_warnings():  # a failing attempt's warnings are noise
+                    warnings.simplefilter("ignore")
+                    self._grads(w[:1], take(x, slice(0, 1)), y[:1])
+            except (RuntimeError, NotImplementedError) as err:
+                errors.append(f"{path}: {str(err).splitlines()[0][:160]}")
+                continue
+            if errors:
+                self.path_note = "; ".join(errors)
+                warnings.warn(f"this model cannot run with {errors[0].split(':')[0]} "
+                              f"({self.path_note}); its chains run as '{path}' (same "
+                              "numbers, another speed)", RuntimeWarning, stacklevel=4)
+            if self._compile and path != "loop over chains":
+                self._try_compile()
+            return
+        self.path = None
+        raise RuntimeError(f"the model cannot be evaluated for sampling: {errors[0]}")
 
-    def loss_and_grad(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_and_grad(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-chain minibatch losses (chains,) and flat gradients (chains, d) at ``w``.
 
-        ``x`` and ``y`` carry one minibatch per chain on their leading dimension.
+        ``x`` and ``y`` carry one minibatch per chain on their leading dimension; with
+        ``chain_batch`` the chains are computed in groups of that size.
         """
-        return self._step_grads(w, x, y)
+        if self.path is None:
+            self._choose_path(w, x, y)
+        group = self.chain_batch or len(w)
+        if group >= len(w):
+            return self._grads(w, x, y)
+        parts = [self._grads(w[a:a + group], take(x, slice(a, a + group)), y[a:a + group])
+                 for a in range(0, len(w), group)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _try_compile(self) -> None:
         try:
-            self._step_grads = torch.compile(self._grads_functional, dynamic=False)
+            self._compiled_grads = torch.compile(self._grads_functional, dynamic=False)
             self.compiled = True
         except Exception as err:  # noqa: BLE001 - any backend failure means eager
-            warnings.warn(f"torch.compile unavailable ({err}); sampling eagerly", stacklevel=3)
+            warnings.warn(f"torch.compile unavailable ({err}); sampling eagerly", stacklevel=4)
 
-    def losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._loss_fn(self.views(w), x, y)
+    def losses(self, w: Tensor, x, y: Tensor) -> Tensor:
+        """Per-chain minibatch losses at ``w`` (no gradient)."""
+        with torch.no_grad(), self._context():
+            if self.path == "loop over chains":
+                outs = [self._forward(self.views(w[c]), take(x, c)) for c in range(len(w))]
+                return self._chain_losses(torch.stack(outs), y)
+            return self._chain_losses(vmap(self._forward, in_dims=(0, 0))(self.views(w), x), y)
 
-    def full_losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def full_losses(self, w: Tensor, x, y: Tensor) -> Tensor:
         """L_n at each chain's ``w`` (chains, d) over all of ``(x, y)``, chunked."""
         total = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        n = num_examples(x)
         chunk = max(1, _EVAL_CHUNK // w.shape[0])
-        with torch.no_grad():
-            views = self.views(w)
-            for start in range(0, len(x), chunk):
-                xb, yb = x[start:start + chunk], y[start:start + chunk]
-                batch = vmap(self._batch_loss, in_dims=(0, None, None))(views, xb, yb)
-                total += batch.double() * len(xb)
-        return total / len(x)
+        with torch.no_grad(), self._context():
+            for start in range(0, n, chunk):
+                part = slice(start, start + chunk)
+                xb, yb = take(x, part), y[part]
+                size = num_examples(xb)
+                if self.path == "loop over chains":
+                    values = torch.stack([self.loss.batch(self._forward(self.views(w[c]), xb), yb)
+                                          for c in range(w.shape[0])])
+                else:
+                    values = vmap(self._batch_loss, in_dims=(0, None, None))(
+                        self.views(w), xb, yb)
+                total += values.double() * size
+        return total / n
 
-    def full_gradient(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def full_gradient(self, w: Tensor, x, y: Tensor) -> Tensor:
         """∇L_n at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64)."""
         total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
-        for start in range(0, len(x), _EVAL_CHUNK):
-            xb, yb = x[start:start + _EVAL_CHUNK], y[start:start + _EVAL_CHUNK]
-            leaves = {n: v.detach().requires_grad_() for n, v in self.views(w).items()}
-            with torch.enable_grad():
-                value = self.loss.per_example(self._forward(leaves, xb), yb).sum()
-                grads = torch.autograd.grad(value, [leaves[n] for n in self.names],
-                                            allow_unused=True)
-            total += torch.cat([torch.zeros(leaves[n].numel(), dtype=torch.float64,
-                                            device=w.device) if g is None
-                                else g.reshape(-1).double() for n, g in zip(self.names, grads)])
-        return total / len(x)
+        n = num_examples(x)
+        for start in range(0, n, _EVAL_CHUNK):
+            part = slice(start, start + _EVAL_CHUNK)
+            leaf = w.detach().requires_grad_()
+            with torch.enable_grad(), self._context():
+                value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
+                                              y[part]).sum()
+                (grad,) = torch.autograd.grad(value, [leaf], allow_unused=True)
+            if grad is not None:
+                total += grad.double()
+        return total / n
 
-    def inputs(self, x: Tensor) -> Tensor:
+    def inputs(self, x):
         """``x`` on the model's device, in float32 where half-precision weights are
         sampled in float32."""
+        if isinstance(x, Mapping):
+            return {k: self.inputs(v) for k, v in x.items()}
         x = x.to(self.device)
         if self.upcast and x.dtype == self.model_dtype:
             x = x.float()
@@ -188,32 +350,36 @@ class BatchedModel:
     def precision(self) -> str:
         if self.upcast:
             return f"float32 (the model's {self.model_dtype} weights are sampled in float32)"
+        if self.autocast_dtype is not None:
+            return (f"{self.precision_name} autocast for forward and backward; weights, steps "
+                    "and losses in float32/float64")
         return str(self.dtype).replace("torch.", "")
 
-    def output_sample(self, w: Tensor, x: Tensor) -> Tensor:
+    def output_sample(self, w: Tensor, x) -> Tensor:
         """The model's output on the first few examples at ``w`` (d,): its shape and dtype.
         Raises a named TypeError when the data's dtype does not match the model's."""
-        if x.dtype.is_floating_point and x.dtype != self.dtype:
+        first = next(iter(x.values())) if isinstance(x, Mapping) else x
+        if first.dtype.is_floating_point and first.dtype != self.dtype:
             raise TypeError(f"the model's parameters are {self.dtype} but the data x is "
-                            f"{x.dtype}; convert one of them (e.g. x.to({self.dtype}) or "
-                            f"model.to({x.dtype}))")
-        with torch.no_grad():
-            return self._forward(self.views(w), x[:2])
+                            f"{first.dtype}; convert one of them (e.g. x.to({self.dtype}) or "
+                            f"model.to({first.dtype}))")
+        with torch.no_grad(), self._context():
+            return self._forward(self.views(w), take(x, slice(0, 2)))
 
-    def per_example_losses(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def per_example_losses(self, w: Tensor, x, y: Tensor) -> Tensor:
         """Loss of every example at a single point ``w`` (d,), float64, shape (n,)."""
         out = []
-        with torch.no_grad():
+        n = num_examples(x)
+        with torch.no_grad(), self._context():
             views = self.views(w)
-            for start in range(0, len(x), _EVAL_CHUNK):
-                xb, yb = x[start:start + _EVAL_CHUNK], y[start:start + _EVAL_CHUNK]
-                values = self.loss.per_example(self._forward(views, xb), yb)
-                if values.shape != (len(xb),):
+            for start in range(0, n, _EVAL_CHUNK):
+                part = slice(start, start + _EVAL_CHUNK)
+                values = self.loss.per_example(self._forward(views, take(x, part)), y[part])
+                if values.shape != (len(y[part]),):
                     raise ValueError("loss_fn must reduce to one value per example; per-example "
                                      f"losses came back with shape {tuple(values.shape)}")
                 out.append(values.double())
         losses = torch.cat(out)
-        mean_check = float(losses.mean())
-        if not math.isfinite(mean_check):
+        if not math.isfinite(float(losses.mean())):
             raise ValueError("the loss at the given model is NaN or inf; check the model and data")
         return losses

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
+from .batched_model import BatchedModel, num_examples
 from .data import as_tensors
 from .diagnostics import excess_ratio
 from .driver import ChainDriver
@@ -498,7 +498,7 @@ class _Search:
 
 def calibrate(model, data, settings: EstimateSettings | None = None, *,
               loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
-              verbose: bool = True, batched: BatchedModel | None = None,
+              output=None, verbose: bool = True, batched: BatchedModel | None = None,
               **overrides) -> Calibration:
     """Choose ε, γ, the warm-up, burn-in and chains for SGLD at the model's weights.
 
@@ -508,7 +508,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         settings: supplies the batch size, seed, estimator, weight restriction, gradient
             correction, nβ (the sampler's, when it is a sampler) and the locality limit;
             keyword ``**overrides`` replace its fields.
-        loss_fn: as for ``estimate_llc``.
+        loss_fn, output: as for ``estimate_llc``.
         grid: what to search (default ``settings.calibration_grid`` or
             ``CalibrationGrid()``).
         verbose: a progress bar with the step budget as its total.
@@ -528,11 +528,12 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     grid = grid or settings.calibration_grid or CalibrationGrid()
     max_ratio = grid.locality_margin * (grid.max_excess_ratio or settings.max_excess_ratio)
     x, y = as_tensors(data)
-    batched = batched or BatchedModel(model, resolve_loss(loss_fn))
+    batched = batched or BatchedModel.for_settings(model, resolve_loss(loss_fn), settings,
+                                                   output=output)
     x, y = batched.inputs(x), y.to(batched.device)
     w_star = batched.load_point(model.state_dict())
     point = measure_point(batched, w_star, x, y, settings)
-    nbeta, nbeta_source = settings.resolve_nbeta(len(x))
+    nbeta, nbeta_source = settings.resolve_nbeta(num_examples(x))
     # the chosen sampler carries nβ only where the caller set it, so an estimate records
     # where nβ came from (and a default n/log n follows the data it is applied to)
     sampler_nbeta = nbeta if nbeta_source == "sampler" else None

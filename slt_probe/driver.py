@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
+from .batched_model import BatchedModel, num_examples, take
 from .data import MinibatchStream
 from .estimator import DrawRecord
 from .samplers import Sampler
@@ -40,7 +40,7 @@ class ChainDriver:
         self.star_losses = star_losses
         self.init_loss = float(star_losses.mean())
         self.mask = mask
-        self.batch_size = min(batch_size, len(x))
+        self.batch_size = min(batch_size, num_examples(x))
         self.estimator = estimator
         self.loss_on = loss_on
         self.generator = generator
@@ -70,7 +70,8 @@ class ChainDriver:
         chains, device = self.num_chains, self.model.device
         if num_warmup and warmup_sampler is None:
             raise ValueError("num_warmup > 0 needs a warmup_sampler")
-        stream = MinibatchStream(len(self.x), chains, self.batch_size, self.generator, device)
+        stream = MinibatchStream(num_examples(self.x), chains, self.batch_size, self.generator,
+                                 device)
         first = self.w_star.contiguous() if start is None else start.clone()
         if first.shape != self.w_star.shape:
             raise ValueError(f"start must have shape {tuple(self.w_star.shape)} (chains × d), "
@@ -87,7 +88,7 @@ class ChainDriver:
                   leave=False, unit="step") as bar:
             for step in range(total):
                 idx = stream.next()
-                xb, yb = self.x[idx], self.y[idx]
+                xb, yb = take(self.x, idx), self.y[idx]
                 losses, grads = self.model.loss_and_grad(state.w, xb, yb)
                 losses = losses.detach()
                 if self.mask is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends.devinterp_backend import run_devinterp
-from .batched_model import BatchedModel
+from .batched_model import BatchedModel, num_examples
 from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import LLCAccumulator, LLCResult
 from .losses import check_output_and_targets, constant_predictor_loss
@@ -70,25 +70,28 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
     x = model.inputs(x)
     y = y.to(model.device)
     point = point or measure_point(model, w_star, x, y, settings)
-    n = len(x)
+    n = num_examples(x)
     sampler = settings.sampler
     nbeta, nbeta_source = settings.resolve_nbeta(n)
     norm_sq = point.gradient_norm_sq()
     corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta,
                                    sampler.localization)
+    correction_note = ""
     if corrected and settings.backend != "native":
-        raise ValueError("w* is not a minimum here (the gradient correction applies: "
-                         f"nβ²‖g‖²/γ = {linear_bias_bound(norm_sq, nbeta, sampler.localization):.3g}"
-                         "), and the devinterp backend cannot correct; use backend='native'")
+        # "auto" only (True is refused with this backend): devinterp samples the loss as is
+        corrected = False
+        correction_note = ("the devinterp backend cannot apply the gradient correction; the "
+                           "plain loss was sampled")
     mask = point.mask
     config = {**settings.to_dict(), "num_examples": n, "nbeta": nbeta,
               "nbeta_source": nbeta_source,
               "num_params": model.dim,
               "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,
               "loss_fn": model.loss.name, "compiled": model.compiled,
-              "precision": model.precision,
+              "precision": model.precision, "device": str(model.device),
               "gradient_correction": corrected,
               "gradient_correction_setting": settings.gradient_correction,
+              "gradient_correction_note": correction_note,
               "gradient_norm": norm_sq ** 0.5 if point.gradient is not None else None,
               "linear_bias_bound": (linear_bias_bound(norm_sq, nbeta, sampler.localization)
                                     if point.gradient is not None else None)}
@@ -114,5 +117,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
                                  desc=desc, mala_samples=mala_samples):
             accumulator.update(record)
         diverged, diverged_at = driver.diverged, driver.diverged_at
+    config["compute_path"] = model.path
+    config["compute_path_note"] = model.path_note
     config["seconds"] = time.perf_counter() - started
     return accumulator.compute(diverged=diverged, diverged_at=diverged_at, config=config)

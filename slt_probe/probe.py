@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
+from .batched_model import BatchedModel, num_examples
 from .calibration import Calibration, calibrate
 from .data import as_tensors
 from .engine import run_estimate
@@ -56,7 +56,7 @@ class LLCProbe:
         model: the model being trained.
         data: the training data: a DataLoader, a map-style Dataset or a tuple ``(x, y)``.
         settings: an ``EstimateSettings``; keyword ``**overrides`` replace its fields.
-        loss_fn: as for ``estimate_llc``.
+        loss_fn, output: as for ``estimate_llc``.
         every: estimate after every ``every``-th optimizer step (None: only ``steps``).
         steps: further steps to estimate at (e.g. ``log_spaced_steps(10_000)``).
         log_dir: folder for ``llc.csv`` and ``manifest.json`` (None: keep rows in memory).
@@ -93,7 +93,7 @@ class LLCProbe:
     """
 
     def __init__(self, model: nn.Module, data, settings: EstimateSettings | None = None, *,
-                 loss_fn="cross_entropy", every: int | None = 200,
+                 loss_fn="cross_entropy", output=None, every: int | None = 200,
                  steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
                  at_start: bool = True, calibrate_at: int | None = None,
                  resume_changed_settings: bool = False, verbose: bool = True, **overrides):
@@ -122,13 +122,15 @@ class LLCProbe:
         self._pending: dict[int, object] = {}  # step -> state_dict or its file
         self.x, self.y = as_tensors(data)
         self.loss_fn = loss_fn
-        self.batched = BatchedModel(model, resolve_loss(loss_fn), compile=self.settings.compile)
+        self.output = output
+        self.batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), self.settings,
+                                                 output=output)
         self.step_count = 0
         self.probe_seconds = 0.0
         self._attached_at: float | None = None
         self._handle = None
         request = {"settings": self.settings.to_dict(), "loss_fn": self.batched.loss.name,
-                   "num_examples": len(self.x), "num_params": self.batched.dim}
+                   "num_examples": num_examples(self.x), "num_params": self.batched.dim}
         manifest = {"started_at": datetime.now(timezone.utc).isoformat(), "request": request,
                     "settings": self.settings.to_dict(), "every": every,
                     "steps": sorted(self.scheduled_steps), "versions": versions()}
@@ -203,8 +205,8 @@ class LLCProbe:
         started = time.perf_counter()
         with preserved_state(self.model):
             calibration = calibrate(self.model, (self.x, self.y), self.settings,
-                                    loss_fn=self.loss_fn, verbose=self.verbose,
-                                    batched=self.batched)
+                                    loss_fn=self.loss_fn, output=self.output,
+                                    verbose=self.verbose, batched=self.batched)
         self.probe_seconds += time.perf_counter() - started
         self.use_calibration(calibration)
         self._log.update_manifest(calibrated_at_step=self.step_count)
@@ -295,7 +297,7 @@ class LLCProbe:
 
 def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
                    settings: EstimateSettings | None = None, *,
-                   steps: Iterable[int] | None = None, loss_fn="cross_entropy",
+                   steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
                    calibrate_on: int = -1, log_dir: str | Path | None = None,
                    verbose: bool = True, load: Callable = torch.load, **overrides) -> list[dict]:
     """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
@@ -311,7 +313,8 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
     steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(checkpoints):
         raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
-    probe = LLCProbe(model, data, settings, loss_fn=loss_fn, every=None, steps=steps,
+    probe = LLCProbe(model, data, settings, loss_fn=loss_fn, output=output, every=None,
+                     steps=steps,
                      log_dir=log_dir, verbose=False, **overrides)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -326,8 +329,8 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
             load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
             with preserved_state(model):
                 probe.use_calibration(calibrate(model, (probe.x, probe.y), probe.settings,
-                                                loss_fn=loss_fn, verbose=verbose,
-                                                batched=probe.batched))
+                                                loss_fn=loss_fn, output=output,
+                                                verbose=verbose, batched=probe.batched))
         for step, checkpoint in tqdm(list(zip(steps, checkpoints)), desc="checkpoints",
                                      disable=not verbose):
             if probe._log.has_llc(step):

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+import torch
+
 from .estimator import ESTIMATORS, LOSS_ON
 from .samplers import SGLD, Sampler, check_positive
 
 BACKENDS = ("native", "devinterp")
+PRECISIONS = ("float32", "bfloat16", "float16")
+COMPUTE_PATHS = ("auto", "vmap", "vmap, math attention", "loop over chains")
 GRADIENT_CORRECTIONS = ("auto", True, False)
 # An estimate whose chains gave back more than this fraction of the gap between L_n(w*) and
 # the best constant predictor's loss has left the neighbourhood of w* (``diagnostics``).
@@ -76,6 +80,12 @@ class EstimateSettings:
             it for a custom loss where that cannot be computed).
         calibration_grid: what ``sampler="auto"`` searches (a ``CalibrationGrid``).
         compile: compile the batched gradient with ``torch.compile``.
+        chain_batch: compute at most this many chains at once (memory); same numbers.
+        precision: ``"float32"``, or ``"bfloat16"``/``"float16"`` autocast for the forward
+            and backward passes (losses and λ̂ still accumulate in float32/float64).
+        device: where to sample (default: where the model's parameters are).
+        compute_path: how the chains are computed: ``"auto"`` (the fastest that works for
+            this model), ``"vmap"``, ``"vmap, math attention"`` or ``"loop over chains"``.
 
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range, named.
@@ -103,6 +113,10 @@ class EstimateSettings:
     reference_loss: float | None = None
     calibration_grid: object = None
     compile: bool = False
+    chain_batch: int | None = None
+    precision: str = "float32"
+    device: str | None = None
+    compute_path: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.sampler, str):
@@ -151,6 +165,18 @@ class EstimateSettings:
             raise ValueError("calibration_grid applies only to sampler='auto'")
         if not isinstance(self.compile, bool):
             raise TypeError(f"compile must be True or False, got {self.compile!r}")
+        if self.chain_batch is not None:
+            _check_int("chain_batch", self.chain_batch, 1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compute_path not in COMPUTE_PATHS:
+            raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got "
+                             f"{self.compute_path!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
 
     @property
     def auto(self) -> bool:
@@ -190,7 +216,10 @@ class EstimateSettings:
                 "num_warmup": self.num_warmup, "restrict_to": restrict,
                 "gradient_correction": self.gradient_correction,
                 "max_excess_ratio": self.max_excess_ratio,
-                "reference_loss": self.reference_loss, "compile": self.compile}
+                "reference_loss": self.reference_loss, "compile": self.compile,
+                "chain_batch": self.chain_batch, "precision": self.precision,
+                "device": None if self.device is None else str(self.device),
+                "compute_path": self.compute_path}
 
 
 def linear_bias_bound(gradient_norm_sq: float, nbeta: float, localization: float) -> float:

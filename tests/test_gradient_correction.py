@@ -76,9 +76,11 @@ def test_gradient_correction_setting_is_checked():
                      verbose=False)
 
 
-def test_devinterp_backend_refuses_a_point_that_needs_the_correction():
+def test_devinterp_backend_samples_the_plain_loss_and_says_so():
     p, _ = _displaced(0.3)
-    with pytest.raises(ValueError, match="not a minimum"):
-        estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", backend="devinterp",
+    r = estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", backend="devinterp",
                      sampler=SGLD(lr=1e-5, localization=1.0), num_chains=1, num_draws=5,
                      verbose=False)
+    assert r.config["gradient_correction"] is False
+    assert r.config["linear_bias_bound"] > 1 and "cannot apply" in r.config[
+        "gradient_correction_note"]
