@@ -201,7 +201,9 @@ class TrajectoryLog:
         self.manifest_path = log_dir / MANIFEST_NAME
         if self.manifest_path.exists():
             previous = json.loads(self.manifest_path.read_text())
-            changes = settings_changes(previous.get("request", {}), manifest.get("request", {}))
+            # a manifest from before requests were recorded cannot be compared
+            changes = (settings_changes(previous["request"], manifest.get("request", {}))
+                       if "request" in previous else [])
             if changes and not allow_changed:
                 self.lock.release()
                 raise ValueError(
