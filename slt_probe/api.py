@@ -5,7 +5,7 @@ from torch import nn
 
 from .batched_model import BatchedModel
 from .calibration import calibrate
-from .data import as_tensors
+from .data import as_source
 from .engine import run_estimate
 from .estimator import LLCResult
 from .losses import resolve_loss
@@ -24,7 +24,8 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
 
     Args:
         model: any ``torch.nn.Module``; it is evaluated in eval mode on a private copy.
-        data: a DataLoader, a map-style Dataset, or a tuple ``(x, y)`` of tensors.
+        data: a tuple ``(x, y)`` of tensors (``x`` may be a dict of tensors), a Dataset,
+            an IterableDataset or a DataLoader (see ``EstimateSettings.stream``).
         settings: an ``EstimateSettings`` (default ``EstimateSettings()``).
         loss_fn: ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"`` or a callable
             ``(output, target) -> loss`` (a batch mean or per-example values).
@@ -58,15 +59,15 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     """
     settings = resolve_settings(settings, overrides)
     loss = resolve_loss(loss_fn)
-    x, y = as_tensors(data)
+    source = as_source(data, stream=settings.stream)
     batched = BatchedModel.for_settings(model, loss, settings, output=output)
     w_star = batched.flatten(model)
     calibration = None
     if settings.auto:
-        calibration = calibrate(model, (x, y), settings, loss_fn=loss_fn, output=output,
+        calibration = calibrate(model, source, settings, loss_fn=loss_fn, output=output,
                                 verbose=verbose, batched=batched)
         settings = calibration.apply(settings)
-    result = run_estimate(batched, w_star, x, y, settings, verbose=verbose)
+    result = run_estimate(batched, w_star, source, settings, verbose=verbose)
     if calibration is not None:
         result.config["calibration"] = calibration.to_dict()
     return result

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel, num_examples
-from .data import as_tensors
+from .batched_model import BatchedModel
+from .data import as_source
 from .diagnostics import excess_ratio
 from .driver import ChainDriver
-from .engine import Point, measure_point
 from .estimator import llc_from_losses
 from .losses import resolve_loss
+from .point import Point, measure_point
 from .samplers import SGLD
 from .settings import EstimateSettings, correction_applies, resolve_settings
 
@@ -527,13 +527,14 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     settings = resolve_settings(settings, overrides)
     grid = grid or settings.calibration_grid or CalibrationGrid()
     max_ratio = grid.locality_margin * (grid.max_excess_ratio or settings.max_excess_ratio)
-    x, y = as_tensors(data)
+    source = as_source(data, stream=settings.stream)
     batched = batched or BatchedModel.for_settings(model, resolve_loss(loss_fn), settings,
                                                    output=output)
-    x, y = batched.inputs(x), y.to(batched.device)
+    if source.in_memory:
+        source = source.to(batched.device)
     w_star = batched.load_point(model.state_dict())
-    point = measure_point(batched, w_star, x, y, settings)
-    nbeta, nbeta_source = settings.resolve_nbeta(num_examples(x))
+    point = measure_point(batched, w_star, source, settings)
+    nbeta, nbeta_source = settings.resolve_nbeta(source.n)
     # the chosen sampler carries nβ only where the caller set it, so an estimate records
     # where nβ came from (and a default n/log n follows the data it is applied to)
     sampler_nbeta = nbeta if nbeta_source == "sampler" else None
@@ -544,12 +545,10 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         generator = torch.Generator(device=batched.device).manual_seed(
             settings.seed * 1000 + seed_offset)
         corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta, gamma)
-        return ChainDriver(batched, x, y, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
-                           nbeta=nbeta, w_star=w_star, star_losses=point.star_losses,
-                           mask=point.mask, num_chains=num_chains,
+        return ChainDriver(batched, source, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
+                           nbeta=nbeta, point=point, num_chains=num_chains,
                            batch_size=settings.batch_size, estimator=settings.estimator,
-                           loss_on="minibatch", generator=generator,
-                           gradient=point.gradient if corrected else None)
+                           loss_on="minibatch", generator=generator, corrected=corrected)
 
     bar = tqdm(total=grid.max_steps, desc="calibrating (steps, at most)", unit="step",
                disable=not verbose, leave=False)

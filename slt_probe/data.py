@@ -1,67 +1,83 @@
-"""Turn the user's data into tensors and stream per-chain minibatch indices.
+"""The user's data as a source of per-chain minibatches and of whole passes over it.
 
-Every chain gets its own shuffled pass over the data (epochs without replacement), drawn
-from the estimator's private ``torch.Generator``: the user's DataLoader, its sampler and
-the global RNG are never touched. Not here: models, losses, sampling.
+Three kinds of source, one interface (``batches``, ``chunks``, ``n``):
+
+- ``TensorSource``: tensors in memory (a tuple ``(x, y)``, or any dataset read into
+  memory): every chain gets its own shuffled pass over the data (epochs without
+  replacement), indices drawn from the estimator's private ``torch.Generator``;
+- ``MapSource``: a map-style ``Dataset`` (or a DataLoader over one) streamed without
+  reading it all: the same index stream, examples fetched by index and collated;
+- ``IterableSource``: an ``IterableDataset`` (or a DataLoader over one): chains take its
+  batches in turn, and a new pass starts when it ends.
+
+Inputs may be a tensor or a dict of tensors (keyword inputs, as Hugging Face models take);
+a dataset of dicts gives its ``"labels"`` (or ``label_key``) as the targets. Nothing here
+touches the user's DataLoader, its sampler or the global RNG. Not here: models, losses.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+_READ_CHUNK = 4096
+LABEL_KEYS = ("labels", "label")
 
 
-def as_tensors(data) -> tuple[Tensor, Tensor]:
-    """Accept a DataLoader, a map-style Dataset, or a tuple ``(x, y)``; return ``(x, y)``.
-
-    A DataLoader is read through its dataset in order (not its sampler or iterator), so
-    reading it never draws from the global RNG.
-    """
-    if isinstance(data, DataLoader):
-        return _from_dataset(data.dataset, collate_fn=data.collate_fn)
-    if isinstance(data, Dataset):
-        return _from_dataset(data, collate_fn=None)
-    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
-        if len(data) != 2:
-            raise ValueError(f"data as a tuple must be (x, y); got {len(data)} elements")
-        x, y = data
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise TypeError("data as a tuple must hold two tensors (x, y); got "
-                            f"({type(x).__name__}, {type(y).__name__})")
-        return _checked(x, y)
-    raise TypeError("data must be a torch DataLoader, a Dataset or a tuple of tensors (x, y); "
-                    f"got {type(data).__name__}")
+def _split(batch, label_key: str | None):
+    """(inputs, targets) from a collated batch: a pair, or a dict holding the labels."""
+    if isinstance(batch, Mapping):
+        keys = (label_key,) if label_key else LABEL_KEYS
+        key = next((k for k in keys if k in batch), None)
+        if key is None:
+            raise ValueError(f"a batch of data is a dict without labels (keys {list(batch)}); "
+                             f"name the target field with label_key=")
+        inputs = {k: v for k, v in batch.items() if k != key}
+        return inputs, batch[key]
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError("each batch of data must be a pair (inputs, targets) or a dict with "
+                         "'labels'")
+    return batch[0], batch[1]
 
 
-def _from_dataset(dataset, collate_fn) -> tuple[Tensor, Tensor]:
-    try:
-        size = len(dataset)
-    except TypeError as err:
-        raise TypeError("data must be a map-style dataset with a length; iterable datasets "
-                        "cannot be revisited by every chain") from err
-    if size == 0:
-        raise ValueError("data is empty: the dataset has no examples")
-    # Not through a DataLoader: creating its iterator draws a seed from the global RNG.
-    collate = collate_fn if collate_fn is not None else default_collate
-    xs, ys = [], []
-    for start in range(0, size, 4096):
-        batch = collate([dataset[i] for i in range(start, min(size, start + 4096))])
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("each batch of data must be a pair (inputs, targets)")
-        xs.append(batch[0])
-        ys.append(batch[1])
-    return _checked(torch.cat(xs), torch.cat(ys))
+def _cat(parts):
+    if isinstance(parts[0], Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
-def _checked(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dim() == 0 or y.dim() == 0:
+def _stack(parts):
+    if isinstance(parts[0], Mapping):
+        return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+    return torch.stack(parts)
+
+
+def _size(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
+
+
+def _take(x, index):
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
+
+
+def _checked(x, y: Tensor):
+    first = next(iter(x.values()), None) if isinstance(x, Mapping) else x
+    if not isinstance(first, Tensor) or not isinstance(y, Tensor):
+        raise TypeError("data must hold tensors (x, y); got "
+                        f"({type(first).__name__}, {type(y).__name__})")
+    if first.dim() == 0 or y.dim() == 0:
         raise ValueError("data tensors need a leading example dimension; got a scalar")
-    if len(x) == 0:
+    n = _size(x)
+    if n == 0:
         raise ValueError("data is empty: x has no examples")
-    if len(x) != len(y):
-        raise ValueError(f"x and y have different numbers of examples: {len(x)} vs {len(y)}")
+    if isinstance(x, Mapping) and any(len(v) != n for v in x.values()):
+        raise ValueError("the input tensors of data have different numbers of examples")
+    if n != len(y):
+        raise ValueError(f"x and y have different numbers of examples: {n} vs {len(y)}")
     return x, y
 
 
@@ -99,3 +115,151 @@ class MinibatchStream:
         idx = self._order[:, self._cursor:self._cursor + self.batch_size]
         self._cursor += self.batch_size
         return idx
+
+
+class TensorSource:
+    """Data in memory: ``x`` (a tensor or a dict of tensors) and targets ``y``."""
+
+    in_memory = True
+
+    def __init__(self, x, y: Tensor):
+        self.x, self.y = _checked(x, y)
+        self.n = _size(self.x)
+
+    def to(self, device) -> "TensorSource":
+        move = (lambda v: v.to(device))  # noqa: E731
+        x = {k: move(v) for k, v in self.x.items()} if isinstance(self.x, Mapping) else move(self.x)
+        return TensorSource(x, move(self.y))
+
+    def batches(self, chains: int, batch_size: int, generator: torch.Generator,
+                device) -> Iterator[tuple]:
+        """Endless (x, y, index) with shapes (chains, batch, …)."""
+        stream = MinibatchStream(self.n, chains, batch_size, generator, device)
+        while True:
+            idx = stream.next()
+            yield _take(self.x, idx), self.y[idx], idx
+
+    def chunks(self, size: int = _READ_CHUNK) -> Iterator[tuple]:
+        for start in range(0, self.n, size):
+            part = slice(start, start + size)
+            yield _take(self.x, part), self.y[part]
+
+
+class MapSource:
+    """A map-style dataset streamed by index, never read whole."""
+
+    in_memory = False
+
+    def __init__(self, dataset: Dataset, collate=None, label_key: str | None = None):
+        try:
+            self.n = len(dataset)
+        except TypeError as err:
+            raise TypeError("a map-style dataset needs a length") from err
+        if self.n == 0:
+            raise ValueError("data is empty: the dataset has no examples")
+        self.dataset = dataset
+        self.collate = collate or default_collate
+        self.label_key = label_key
+
+    def _fetch(self, indices) -> tuple:
+        return _split(self.collate([self.dataset[int(i)] for i in indices]), self.label_key)
+
+    def batches(self, chains: int, batch_size: int, generator: torch.Generator,
+                device) -> Iterator[tuple]:
+        stream = MinibatchStream(self.n, chains, batch_size, generator, torch.device("cpu"))
+        while True:
+            idx = stream.next()
+            parts = [self._fetch(row) for row in idx]
+            yield _stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), idx
+
+    def chunks(self, size: int = _READ_CHUNK) -> Iterator[tuple]:
+        for start in range(0, self.n, size):
+            yield self._fetch(range(start, min(self.n, start + size)))
+
+
+class IterableSource:
+    """An iterable dataset (or a DataLoader over one): the chains take its batches in
+    turn, the order of turns rotating every step so that each chain meets every batch
+    even when the data comes in the same order every pass; a new pass starts when one
+    ends. Batches must all have one size (a shorter last batch is skipped)."""
+
+    in_memory = False
+
+    def __init__(self, loader, label_key: str | None = None):
+        self.loader = loader
+        self.label_key = label_key
+        self.n = sum(len(y) for _, y in self.chunks())
+        if self.n == 0:
+            raise ValueError("data is empty: the iterable yielded no examples")
+
+    def _iterate(self):
+        # a DataLoader's iterator draws its seed from the global RNG: give it a copy
+        with torch.random.fork_rng(devices=[]):
+            for batch in self.loader:
+                yield _split(batch, self.label_key)
+
+    def chunks(self, size: int = _READ_CHUNK) -> Iterator[tuple]:
+        yield from self._iterate()
+
+    def batches(self, chains: int, batch_size: int, generator: torch.Generator,
+                device) -> Iterator[tuple]:
+        size, step = None, 0
+        while True:
+            row = []
+            for x, y in self._iterate():
+                size = size or len(y)
+                if len(y) != size:
+                    continue
+                row.append((x, y))
+                if len(row) == chains:
+                    turn = step % chains
+                    row = row[turn:] + row[:turn]
+                    yield _stack([r[0] for r in row]), torch.stack([r[1] for r in row]), None
+                    row, step = [], step + 1
+
+
+def as_source(data, *, stream: bool | None = None, label_key: str | None = None):
+    """The data source for ``data``: a tuple ``(x, y)``, a Dataset, a DataLoader or an
+    IterableDataset. ``stream=None`` streams only what cannot be indexed (iterable data)
+    and reads map-style datasets into memory; ``stream=True`` streams them too;
+    ``stream=False`` refuses iterable data."""
+    if isinstance(data, (TensorSource, MapSource, IterableSource)):
+        return data
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        if isinstance(dataset, IterableDataset):
+            return _iterable(data, stream, label_key)
+        return _map(dataset, data.collate_fn, stream, label_key)
+    if isinstance(data, IterableDataset):
+        return _iterable(DataLoader(data, batch_size=None), stream, label_key)
+    if isinstance(data, Dataset):
+        return _map(data, None, stream, label_key)
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        if len(data) != 2:
+            raise ValueError(f"data as a tuple must be (x, y); got {len(data)} elements")
+        return TensorSource(*data)
+    raise TypeError("data must be a torch DataLoader, a Dataset, an IterableDataset or a "
+                    f"tuple of tensors (x, y); got {type(data).__name__}")
+
+
+def _iterable(loader, stream, label_key):
+    if stream is False:
+        raise TypeError("an iterable dataset cannot be read into memory by index; pass "
+                        "stream=True (or leave it at None) to stream it")
+    return IterableSource(loader, label_key)
+
+
+def _map(dataset, collate, stream, label_key):
+    source = MapSource(dataset, collate, label_key)
+    if stream:
+        return source
+    # Read in order through the dataset itself (not a DataLoader, whose iterator draws a
+    # seed from the global RNG).
+    parts = list(source.chunks())
+    return TensorSource(_cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+def as_tensors(data) -> tuple:
+    """``(x, y)`` in memory for a tuple, a Dataset or a DataLoader over a map-style dataset."""
+    source = as_source(data, stream=False)
+    return source.x, source.y

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel, num_examples, take
-from .data import MinibatchStream
+from .batched_model import BatchedModel
 from .estimator import DrawRecord
+from .point import Point
 from .samplers import Sampler
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
@@ -27,28 +27,34 @@ MALA_SAMPLES = 10
 
 
 class ChainDriver:
-    def __init__(self, model: BatchedModel, x: Tensor, y: Tensor, *, sampler: Sampler,
-                 nbeta: float, w_star: Tensor, star_losses: Tensor, mask: Tensor | None,
-                 num_chains: int, batch_size: int, estimator: str, loss_on: str,
-                 generator: torch.Generator, gradient: Tensor | None = None):
+    """Chains at one sampler over ``source`` (a ``data`` source) around ``point``.
+
+    The control variate's L_b(w*) is read from the point's per-example losses for data in
+    memory, and computed beside the chains (w* evaluated on each chain's batch in one
+    batched call) for streamed data. ``corrected`` samples L(w) − g·(w − w*).
+    """
+
+    def __init__(self, model: BatchedModel, source, *, sampler: Sampler, nbeta: float,
+                 point: Point, num_chains: int, batch_size: int, estimator: str,
+                 loss_on: str, generator: torch.Generator, corrected: bool = False):
         self.model = model
-        self.x, self.y = x, y
+        self.source = source
         self.sampler = sampler
         self.nbeta = nbeta
         self.num_chains = num_chains
-        self.w_star = w_star.unsqueeze(0).expand(num_chains, -1)
-        self.star_losses = star_losses
-        self.init_loss = float(star_losses.mean())
-        self.mask = mask
-        self.batch_size = min(batch_size, num_examples(x))
+        self.w_star = point.w_star.unsqueeze(0).expand(num_chains, -1)
+        self.star_losses = point.star_losses
+        self.init_loss = point.init_loss
+        self.mask = mask = point.mask
+        self.batch_size = min(batch_size, source.n)
         self.estimator = estimator
         self.loss_on = loss_on
         self.generator = generator
         # g = ∇L_n(w*) when the first-order correction is on: chains then sample
         # L(w) − g·(w − w*), whose gradient is ∇L(w) − g.
         self.gradient = None
-        if gradient is not None:
-            self.gradient = gradient.to(model.device, model.dtype)
+        if corrected:
+            self.gradient = point.gradient.to(model.device, model.dtype)
             if mask is not None:
                 self.gradient = self.gradient * mask
         active = int(mask.sum()) if mask is not None else model.dim
@@ -70,8 +76,7 @@ class ChainDriver:
         chains, device = self.num_chains, self.model.device
         if num_warmup and warmup_sampler is None:
             raise ValueError("num_warmup > 0 needs a warmup_sampler")
-        stream = MinibatchStream(num_examples(self.x), chains, self.batch_size, self.generator,
-                                 device)
+        batches = self.source.batches(chains, self.batch_size, self.generator, device)
         first = self.w_star.contiguous() if start is None else start.clone()
         if first.shape != self.w_star.shape:
             raise ValueError(f"start must have shape {tuple(self.w_star.shape)} (chains × d), "
@@ -87,21 +92,23 @@ class ChainDriver:
         with tqdm(total=total, desc=f"{desc} ({chains} chains)", disable=not verbose,
                   leave=False, unit="step") as bar:
             for step in range(total):
-                idx = stream.next()
-                xb, yb = take(self.x, idx), self.y[idx]
+                xb, yb, idx = next(batches)
+                xb, yb = self.model.inputs(xb), yb.to(device)
                 losses, grads = self.model.loss_and_grad(state.w, xb, yb)
                 losses = losses.detach()
                 if self.mask is not None:
                     grads.mul_(self.mask)
                 if self.gradient is not None:
                     grads.sub_(self.gradient)
-                if self.estimator == "control_variate":
-                    reference = self.star_losses[idx].mean(dim=1)
-                else:
+                if self.estimator != "control_variate":
                     reference = torch.full_like(losses, self.init_loss, dtype=torch.float64)
+                elif self.star_losses is not None:
+                    reference = self.star_losses[idx.to(self.star_losses.device)].mean(dim=1)
+                else:
+                    reference = self.model.losses(self.w_star, xb, yb).double()
                 recorded = losses
                 if self.loss_on == "full" and step >= num_burnin:
-                    recorded = self.model.full_losses(state.w, self.x, self.y)
+                    recorded = self._full_losses(state.w)
                     reference = torch.full_like(recorded, self.init_loss)
                 self._catch_divergence(step, losses, grads, reference, state)
                 if self.diverged.all():
@@ -124,6 +131,13 @@ class ChainDriver:
                 state = kernel.step(state, grads, noise, w_star=self.w_star, nbeta=self.nbeta)
                 self.positions = state.w
                 bar.update(1)
+
+    def _full_losses(self, w: Tensor) -> Tensor:
+        total = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+        for xb, yb in self.source.chunks():
+            total += self.model.full_losses(w, self.model.inputs(xb),
+                                            yb.to(w.device)) * len(yb)
+        return total / self.source.n
 
     def _linear_term(self, w: Tensor) -> np.ndarray | None:
         """g·(w − w*) per chain (None without the gradient correction)."""

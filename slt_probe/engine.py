@@ -9,68 +9,30 @@ user's request (``api``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .backends.devinterp_backend import run_devinterp
-from .batched_model import BatchedModel, num_examples
+from .batched_model import BatchedModel
 from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import LLCAccumulator, LLCResult
-from .losses import check_output_and_targets, constant_predictor_loss
+from .point import Point, measure_point
 from .settings import EstimateSettings, correction_applies, linear_bias_bound
 
 
-@dataclass
-class Point:
-    """What an estimate needs to know about w* on the data, computed once per point:
-    per-example losses, the constant predictor's loss, and (when a correction may
-    apply) the full-data gradient."""
-
-    w_star: Tensor
-    star_losses: Tensor
-    reference_loss: float | None
-    gradient: Tensor | None
-    mask: Tensor | None
-
-    @property
-    def init_loss(self) -> float:
-        return float(self.star_losses.mean())
-
-    def gradient_norm_sq(self) -> float:
-        if self.gradient is None:
-            return 0.0
-        g = self.gradient if self.mask is None else self.gradient * self.mask.double()
-        return float(g @ g)
-
-
-def measure_point(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
-                  settings: EstimateSettings) -> Point:
-    """Losses at w*, L_ref and (unless the correction is off) ∇L_n(w*)."""
-    mask = model.layout.mask(settings.restrict_to)
-    sample = model.output_sample(w_star, x)
-    check_output_and_targets(model.loss, sample, y)
-    star_losses = model.per_example_losses(w_star, x, y)
-    reference = (settings.reference_loss if settings.reference_loss is not None
-                 else constant_predictor_loss(model.loss, sample, y))
-    gradient = (None if settings.gradient_correction is False
-                else model.full_gradient(w_star, x, y))
-    return Point(w_star=w_star, star_losses=star_losses, reference_loss=reference,
-                 gradient=gradient, mask=mask)
-
-
-def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
-                 settings: EstimateSettings, *, verbose: bool = True, desc: str = "LLC",
-                 mala_samples: int = MALA_SAMPLES, point: Point | None = None) -> LLCResult:
-    """Estimate at ``w_star`` with ``settings`` (whose sampler is already concrete)."""
+def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: EstimateSettings, *,
+                 verbose: bool = True, desc: str = "LLC", mala_samples: int = MALA_SAMPLES,
+                 point: Point | None = None) -> LLCResult:
+    """Estimate at ``w_star`` on ``source`` (a ``data`` source) with ``settings`` (whose
+    sampler is already concrete)."""
     if settings.auto:
         raise ValueError("run_estimate needs a concrete sampler; calibrate first")
     started = time.perf_counter()
-    x = model.inputs(x)
-    y = y.to(model.device)
-    point = point or measure_point(model, w_star, x, y, settings)
-    n = num_examples(x)
+    if source.in_memory:
+        source = source.to(model.device)
+    point = point or measure_point(model, w_star, source, settings)
+    n = source.n
     sampler = settings.sampler
     nbeta, nbeta_source = settings.resolve_nbeta(n)
     norm_sq = point.gradient_norm_sq()
@@ -89,6 +51,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
               "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,
               "loss_fn": model.loss.name, "compiled": model.compiled,
               "precision": model.precision, "device": str(model.device),
+              "data": "in memory" if source.in_memory else "streamed",
               "gradient_correction": corrected,
               "gradient_correction_setting": settings.gradient_correction,
               "gradient_correction_note": correction_note,
@@ -100,17 +63,18 @@ def run_estimate(model: BatchedModel, w_star: Tensor, x: Tensor, y: Tensor,
                                  max_excess_ratio=settings.max_excess_ratio,
                                  corrected=corrected)
     if settings.backend == "devinterp":
-        diverged, diverged_at = run_devinterp(model, w_star, x, y, settings, nbeta,
-                                              point.star_losses, mask, accumulator,
-                                              verbose=verbose)
+        if not source.in_memory:
+            raise ValueError("the devinterp backend needs the data in memory; pass tensors "
+                             "or a map-style dataset without stream=True")
+        diverged, diverged_at = run_devinterp(model, w_star, model.inputs(source.x), source.y,
+                                              settings, nbeta, point.star_losses, mask,
+                                              accumulator, verbose=verbose)
     else:
         generator = torch.Generator(device=model.device).manual_seed(settings.seed)
-        driver = ChainDriver(model, x, y, sampler=sampler, nbeta=nbeta,
-                             w_star=w_star, star_losses=point.star_losses, mask=mask,
+        driver = ChainDriver(model, source, sampler=sampler, nbeta=nbeta, point=point,
                              num_chains=settings.num_chains, batch_size=settings.batch_size,
                              estimator=settings.estimator, loss_on=settings.loss_on,
-                             generator=generator,
-                             gradient=point.gradient if corrected else None)
+                             generator=generator, corrected=corrected)
         for record in driver.run(settings.num_draws, settings.num_burnin,
                                  num_warmup=settings.num_warmup,
                                  warmup_sampler=settings.warmup_sampler(), verbose=verbose,

@@ -170,3 +170,35 @@ def constant_predictor_loss(loss: Loss, output: Tensor, y: Tensor) -> float | No
                             for i in range(0, len(y), 4096)])
     value = float(values.mean())
     return value if math.isfinite(value) else None
+
+
+class ReferenceStats:
+    """The constant predictor's loss over streamed targets, from running statistics (label
+    counts; target sums and squares), for the built-in losses; None for a callable."""
+
+    def __init__(self, loss: Loss, output: Tensor):
+        self.loss, self.output = loss, output
+        self.count = 0
+        self.sums = self.squares = None
+
+    def update(self, y: Tensor) -> None:
+        if self.loss.name == "cross_entropy":
+            counts = torch.bincount(y.reshape(-1).long(), minlength=self.output.shape[1])
+            self.sums = counts if self.sums is None else self.sums + counts
+        else:
+            flat = y.double().reshape(len(y), -1)
+            self.sums = flat.sum(0) if self.sums is None else self.sums + flat.sum(0)
+            squares = flat.square().sum(0)
+            self.squares = squares if self.squares is None else self.squares + squares
+        self.count += len(y)
+
+    def value(self) -> float | None:
+        if self.count == 0 or self.loss.name not in ("cross_entropy", "mse", "gaussian_nll"):
+            return None
+        if self.loss.name == "cross_entropy":
+            freq = self.sums.double() / self.sums.sum()
+            freq = freq[freq > 0]
+            return float(-(freq * freq.log()).sum())
+        mean = self.sums / self.count
+        variance = (self.squares / self.count - mean.square()).clamp_min(0.0)
+        return float(variance.mean() if self.loss.name == "mse" else 0.5 * variance.sum())

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel, num_examples
+from .batched_model import BatchedModel
 from .calibration import Calibration, calibrate
-from .data import as_tensors
+from .data import as_source
 from .engine import run_estimate
 from .losses import resolve_loss
 from .run_log import (LLC_COLUMNS, TrajectoryLog, preserved_state, row_from_result,
@@ -120,7 +120,7 @@ class LLCProbe:
         self.calibrate_at = calibrate_at
         self.calibration: Calibration | None = None
         self._pending: dict[int, object] = {}  # step -> state_dict or its file
-        self.x, self.y = as_tensors(data)
+        self.source = as_source(data, stream=self.settings.stream)
         self.loss_fn = loss_fn
         self.output = output
         self.batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), self.settings,
@@ -130,7 +130,7 @@ class LLCProbe:
         self._attached_at: float | None = None
         self._handle = None
         request = {"settings": self.settings.to_dict(), "loss_fn": self.batched.loss.name,
-                   "num_examples": num_examples(self.x), "num_params": self.batched.dim}
+                   "num_examples": self.source.n, "num_params": self.batched.dim}
         manifest = {"started_at": datetime.now(timezone.utc).isoformat(), "request": request,
                     "settings": self.settings.to_dict(), "every": every,
                     "steps": sorted(self.scheduled_steps), "versions": versions()}
@@ -175,7 +175,7 @@ class LLCProbe:
         started = time.perf_counter()
         with preserved_state(self.model):
             w_star = self.batched.load_point(state)
-            result = run_estimate(self.batched, w_star, self.x, self.y, self.settings,
+            result = run_estimate(self.batched, w_star, self.source, self.settings,
                                   verbose=self.verbose, desc=f"LLC step {step}")
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
@@ -204,7 +204,7 @@ class LLCProbe:
                     "%d kept steps follow", self.step_count, len(self._pending))
         started = time.perf_counter()
         with preserved_state(self.model):
-            calibration = calibrate(self.model, (self.x, self.y), self.settings,
+            calibration = calibrate(self.model, self.source, self.settings,
                                     loss_fn=self.loss_fn, output=self.output,
                                     verbose=self.verbose, batched=self.batched)
         self.probe_seconds += time.perf_counter() - started
@@ -328,7 +328,7 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
         if probe.settings.auto:
             load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
             with preserved_state(model):
-                probe.use_calibration(calibrate(model, (probe.x, probe.y), probe.settings,
+                probe.use_calibration(calibrate(model, probe.source, probe.settings,
                                                 loss_fn=loss_fn, output=output,
                                                 verbose=verbose, batched=probe.batched))
         for step, checkpoint in tqdm(list(zip(steps, checkpoints)), desc="checkpoints",

@@ -84,6 +84,9 @@ class EstimateSettings:
         precision: ``"float32"``, or ``"bfloat16"``/``"float16"`` autocast for the forward
             and backward passes (losses and λ̂ still accumulate in float32/float64).
         device: where to sample (default: where the model's parameters are).
+        stream: ``None`` streams only data that cannot be indexed (iterable datasets) and
+            reads map-style datasets into memory; ``True`` streams them too (examples
+            fetched by index, never read whole); ``False`` refuses iterable data.
         compute_path: how the chains are computed: ``"auto"`` (the fastest that works for
             this model), ``"vmap"``, ``"vmap, math attention"`` or ``"loop over chains"``.
 
@@ -117,6 +120,7 @@ class EstimateSettings:
     precision: str = "float32"
     device: str | None = None
     compute_path: str = "auto"
+    stream: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sampler, str):
@@ -169,6 +173,8 @@ class EstimateSettings:
             _check_int("chain_batch", self.chain_batch, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.stream not in (None, True, False):
+            raise ValueError(f"stream must be None, True or False, got {self.stream!r}")
         if self.compute_path not in COMPUTE_PATHS:
             raise ValueError(f"compute_path must be one of {COMPUTE_PATHS}, got "
                              f"{self.compute_path!r}")
@@ -219,7 +225,7 @@ class EstimateSettings:
                 "reference_loss": self.reference_loss, "compile": self.compile,
                 "chain_batch": self.chain_batch, "precision": self.precision,
                 "device": None if self.device is None else str(self.device),
-                "compute_path": self.compute_path}
+                "compute_path": self.compute_path, "stream": self.stream}
 
 
 def linear_bias_bound(gradient_norm_sq: float, nbeta: float, localization: float) -> float:

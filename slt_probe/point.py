@@ -1,0 +1,76 @@
+"""What an estimate needs to know about w* on the data, measured once per point: the
+per-example losses (data in memory) or L_n(w*) (streamed data), the constant predictor's
+loss, and ∇L_n(w*) when a gradient correction may apply.
+
+Not here: sampling (``driver``), the estimate (``engine``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .batched_model import BatchedModel
+from .losses import ReferenceStats, check_output_and_targets, constant_predictor_loss
+
+
+@dataclass
+class Point:
+    """w* on the data: its losses, the constant predictor's loss, the gradient."""
+
+    w_star: Tensor
+    init_loss: float
+    num_examples: int
+    reference_loss: float | None
+    gradient: Tensor | None
+    mask: Tensor | None
+    star_losses: Tensor | None = None  # per example, for data in memory
+
+    def gradient_norm_sq(self) -> float:
+        if self.gradient is None:
+            return 0.0
+        g = self.gradient if self.mask is None else self.gradient * self.mask.double()
+        return float(g @ g)
+
+
+def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Point:
+    """Losses at w*, L_ref and (unless the correction is off) ∇L_n(w*), with one pass over
+    streamed data (two with the gradient)."""
+    mask = model.layout.mask(settings.restrict_to)
+    want_gradient = settings.gradient_correction is not False
+    first_x, first_y = next(iter(source.chunks(2)))
+    first_x = model.inputs(first_x)
+    sample = model.output_sample(w_star, first_x)
+    check_output_and_targets(model.loss, sample, first_y.to(model.device))
+    if source.in_memory:
+        x, y = model.inputs(source.x), source.y.to(model.device)
+        check_output_and_targets(model.loss, sample, y)
+        star_losses = model.per_example_losses(w_star, x, y)
+        reference = constant_predictor_loss(model.loss, sample, y)
+        init_loss = float(star_losses.mean())
+    else:
+        star_losses = None
+        total, stats = 0.0, ReferenceStats(model.loss, sample)
+        for xb, yb in source.chunks():
+            xb, yb = model.inputs(xb), yb.to(model.device)
+            check_output_and_targets(model.loss, sample, yb)
+            total += float(model.per_example_losses(w_star, xb, yb).sum())
+            stats.update(yb)
+        init_loss = total / source.n
+        reference = stats.value()
+    if settings.reference_loss is not None:
+        reference = settings.reference_loss
+    gradient = None
+    if want_gradient:
+        gradient = torch.zeros(model.dim, dtype=torch.float64, device=model.device)
+        for xb, yb in source.chunks():
+            xb, yb = model.inputs(xb), yb.to(model.device)
+            gradient += model.full_gradient(w_star, xb, yb) * len(yb)
+        gradient /= source.n
+    if not math.isfinite(init_loss):
+        raise ValueError("the loss at the given model is NaN or inf; check the model and data")
+    return Point(w_star=w_star, init_loss=init_loss, num_examples=source.n,
+                 reference_loss=reference, gradient=gradient, mask=mask,
+                 star_losses=star_losses)
