@@ -92,11 +92,13 @@ class BatchedModel:
         device: where to sample (default: where the model's parameters are).
         path: one of ``COMPUTE_PATHS``, or ``"auto"`` (the fastest that works, chosen on
             the first batch).
+        exclude_from_copy: objects the model refers to that the private copy must not
+            copy (a training framework's trainer, say); the copy refers to None instead.
     """
 
     def __init__(self, model: nn.Module, loss: Loss, *, output=None, compile: bool = False,
                  chain_batch: int | None = None, precision: str = "float32",
-                 device=None, path: str = "auto"):
+                 device=None, path: str = "auto", exclude_from_copy=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if path != "auto" and path not in COMPUTE_PATHS:
@@ -124,7 +126,8 @@ class BatchedModel:
             device=target)
         self.names, self.shapes, self.dim = self.layout.names, self.layout.shapes, self.layout.dim
         self.device, self.dtype = self.layout.device, self.layout.dtype
-        self.module = copy.deepcopy(model).eval().to(self.device)
+        memo = {id(obj): None for obj in exclude_from_copy}
+        self.module = copy.deepcopy(model, memo).eval().to(self.device)
         if self.upcast:
             self.module.float()
         for p in self.module.parameters():
@@ -140,10 +143,11 @@ class BatchedModel:
         self._compiled_grads = None
 
     @classmethod
-    def for_settings(cls, model: nn.Module, loss: Loss, settings, output=None) -> "BatchedModel":
+    def for_settings(cls, model: nn.Module, loss: Loss, settings, output=None,
+                     exclude_from_copy=()) -> "BatchedModel":
         """The batched model an ``EstimateSettings`` asks for (compiled only on the native
         backend)."""
-        return cls(model, loss, output=output,
+        return cls(model, loss, output=output, exclude_from_copy=exclude_from_copy,
                    compile=settings.compile and settings.backend == "native",
                    chain_batch=settings.chain_batch, precision=settings.precision,
                    device=settings.device, path=settings.compute_path)

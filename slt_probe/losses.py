@@ -58,8 +58,20 @@ def _gaussian_nll(output: Tensor, target: Tensor) -> Tensor:
     return _gaussian_nll_per_example(output, target).mean()
 
 
+IGNORE_INDEX = -100  # targets that count for nothing (padding), as in torch and transformers
+
+
 def _ce_per_example(output: Tensor, target: Tensor) -> Tensor:
+    if output.dim() == 3 and target.dim() == 2:  # a sequence: mean over its counted tokens
+        tokens = F.cross_entropy(output.transpose(1, 2), target, reduction="none",
+                                 ignore_index=IGNORE_INDEX)
+        counted = (target != IGNORE_INDEX).sum(1).clamp_min(1)
+        return tokens.sum(1) / counted
     return F.cross_entropy(output, target, reduction="none")
+
+
+def _ce(output: Tensor, target: Tensor) -> Tensor:
+    return _ce_per_example(output, target).mean()
 
 
 def _rows(values: Tensor, batch: int) -> Tensor | None:
@@ -113,10 +125,14 @@ def check_output_and_targets(loss: Loss, output: Tensor, y: Tensor) -> None:
         if output.dim() < 2:
             raise ValueError(f"cross_entropy needs one output per class, got model output of "
                              f"shape {tuple(output.shape)}")
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= output.shape[1]:
-            raise ValueError(f"class labels must be in [0, {output.shape[1] - 1}] for a model "
-                             f"with {output.shape[1]} outputs; got labels in [{low}, {high}]")
+        classes = output.shape[-1] if output.dim() == 3 else output.shape[1]
+        counted = y[y != IGNORE_INDEX]
+        if len(counted) == 0:
+            raise ValueError(f"every target is {IGNORE_INDEX} (ignored): nothing to fit")
+        low, high = int(counted.min()), int(counted.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"class labels must be in [0, {classes - 1}] for a model "
+                             f"with {classes} outputs; got labels in [{low}, {high}]")
 
 
 def resolve_loss(loss_fn) -> Loss:
@@ -128,7 +144,7 @@ def resolve_loss(loss_fn) -> Loss:
     """
     if isinstance(loss_fn, str):
         if loss_fn == "cross_entropy":
-            return Loss("cross_entropy", F.cross_entropy, _ce_per_example, vectorised=True)
+            return Loss("cross_entropy", _ce, _ce_per_example, vectorised=True)
         if loss_fn == "mse":
             return Loss("mse", _mse, _mse_per_example, vectorised=True)
         if loss_fn == "gaussian_nll":

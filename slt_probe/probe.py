@@ -70,6 +70,11 @@ class LLCProbe:
         resume_changed_settings: continue a ``log_dir`` that holds a run with other
             settings (otherwise an error names the differing fields); the manifest records
             from which step on each set of settings applies.
+        on_estimate: called as ``on_estimate(step, row)`` after every estimate, with the
+            values written to ``llc.csv`` (TensorBoard and W&B sinks in
+            ``slt_probe.integrations`` are such callables).
+        exclude_from_copy: objects the model refers to that the probe's private copy of
+            it must not copy (a training framework's trainer).
         verbose: progress bars.
 
     One probe writes a ``log_dir`` at a time: a second writer (another process, or
@@ -96,9 +101,14 @@ class LLCProbe:
                  loss_fn="cross_entropy", output=None, every: int | None = 200,
                  steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
                  at_start: bool = True, calibrate_at: int | None = None,
-                 resume_changed_settings: bool = False, verbose: bool = True, **overrides):
+                 resume_changed_settings: bool = False, on_estimate=None,
+                 exclude_from_copy=(), verbose: bool = True, **overrides):
         if data is None:
             raise ValueError("data is required: the probe estimates λ̂ on the training data")
+        if on_estimate is not None and not callable(on_estimate):
+            raise TypeError(f"on_estimate must be callable (step, row), got "
+                            f"{type(on_estimate).__name__}")
+        self.on_estimate = on_estimate
         if every is not None and (isinstance(every, bool) or not isinstance(every, int)
                                   or every <= 0):
             raise ValueError(f"every must be a positive int (or None with steps=...), got {every!r}")
@@ -124,7 +134,7 @@ class LLCProbe:
         self.loss_fn = loss_fn
         self.output = output
         self.batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), self.settings,
-                                                 output=output)
+                                                 output=output, exclude_from_copy=exclude_from_copy)
         self.step_count = 0
         self.probe_seconds = 0.0
         self._attached_at: float | None = None
@@ -179,7 +189,10 @@ class LLCProbe:
                                   verbose=self.verbose, desc=f"LLC step {step}")
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
-        return self._log.update(step, row_from_result(result, seconds))
+        row = self._log.update(step, row_from_result(result, seconds))
+        if self.on_estimate is not None:
+            self.on_estimate(step, dict(row))
+        return row
 
     def _keep(self, step: int) -> None:
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}

@@ -1,0 +1,40 @@
+"""The scalars an ``llc.csv`` row hands to a logger, under one prefix.
+
+Not here: any logging framework (their modules in this package).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+# row column -> metric name (after the prefix); booleans become 0/1
+METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
+           "effective_params": "effective_params", "excess_ratio": "excess_ratio",
+           "mean_sampled_loss": "mean_sampled_loss", "init_loss": "init_loss",
+           "healthy": "healthy", "local": "local", "rhat": "rhat", "ess": "ess",
+           "num_diverged": "num_diverged", "seconds": "seconds"}
+
+
+def row_metrics(row: dict, prefix: str = "llc") -> dict[str, float]:
+    """``{f"{prefix}/{name}": value}`` for every numeric value of the row.
+
+    >>> row_metrics({"step": 3, "llc_mean": 1.5, "healthy": True, "rhat": None})
+    {'llc/mean': 1.5, 'llc/healthy': 1.0}
+    """
+    out = {}
+    for column, name in METRICS.items():
+        value = row.get(column)
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[f"{prefix}/{name}"] = float(value)
+    return out
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or fail with the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"this integration needs {module.split('.')[0]}: "
+                          f'pip install "slt-probe[{extra}]"') from err

@@ -1,0 +1,35 @@
+"""``TensorBoardSink``: λ̂ and its diagnostics as TensorBoard scalars at the training step.
+
+Use as ``LLCProbe(..., on_estimate=TensorBoardSink(writer))`` or pass it to a callback.
+"""
+from __future__ import annotations
+
+from .metrics import require, row_metrics
+
+_tensorboard = require("torch.utils.tensorboard", "tensorboard")
+
+
+class TensorBoardSink:
+    """Writes ``llc/mean``, ``llc/std``, ``llc/effective_params``, the health and locality
+    diagnostics at each estimate's step.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (default: one the sink creates
+            in ``log_dir``).
+        log_dir: where a writer the sink creates writes.
+        prefix: the tag prefix.
+    """
+
+    def __init__(self, writer=None, *, log_dir=None, prefix: str = "llc"):
+        if writer is None and log_dir is None:
+            raise ValueError("give a SummaryWriter or a log_dir for one")
+        self.writer = writer or _tensorboard.SummaryWriter(log_dir=str(log_dir))
+        self.prefix = prefix
+
+    def __call__(self, step: int, row: dict) -> None:
+        for tag, value in row_metrics(row, self.prefix).items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
