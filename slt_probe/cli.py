@@ -16,10 +16,12 @@ from pathlib import Path
 
 from .api import estimate_llc
 from .calibration import CalibrationError
+from .executors import EXECUTORS, make_executor
 from .experiments.compare import run_comparison
-from .experiments.grokking import run_grokking
-from .experiments.presets import REGIMES, SETUPS
-from .experiments.summary import report
+from .experiments.grokking import default_activation, run_grokking
+from .experiments.presets import REGIMES, SETUPS, preset
+from .experiments.summary import load_run, report
+from .experiments.sweeps import grokking_sweep
 from .ground_truth import problems
 from .ground_truth.validate import validate
 from .models import ACTIVATION_NAMES
@@ -126,15 +128,28 @@ def _setup_folder(args, kind: str) -> Path:
     return Path(args.out or f"{RUNS_DIR}/{kind}/{args.setup}{'-quick' if args.quick else ''}")
 
 
+def _executor(args):
+    return make_executor(args.executor, address=args.ray_address)
+
+
 def _grokking(args) -> int:
     root = _setup_folder(args, "grokking")
     seeds = args.seeds if args.seeds is not None else [args.seed]
+    if args.seeds is None and args.executor == "serial":
+        # one run in this process, written as it goes (resumable inside the run)
+        run_grokking(args.setup, activation_name=args.activation, seed=args.seed,
+                     quick=args.quick, out=root / f"seed{args.seed}", regimes=args.regimes,
+                     mnist_dir=args.mnist_dir, command=_command(), verbose=not args.quiet)
+    else:
+        config = preset(args.setup, args.quick)
+        act = args.activation or default_activation(config)
+        grokking_sweep(args.setup, [(act, seed, root / f"seed{seed}") for seed in seeds],
+                       quick=args.quick, config=config, regimes=args.regimes,
+                       mnist_dir=args.mnist_dir, executor=_executor(args),
+                       command=_command(), verbose=not args.quiet)
     for seed in seeds:
         out = root / f"seed{seed}"
-        summaries = run_grokking(args.setup, activation_name=args.activation, seed=seed,
-                                 quick=args.quick, out=out, regimes=args.regimes,
-                                 mnist_dir=args.mnist_dir, command=_command(),
-                                 verbose=not args.quiet)
+        summaries = {regime: load_run(out / regime)[0] for regime in args.regimes}
         for regime, summary in summaries.items():
             print(f"seed {seed}, {regime} LLC: λ̂ init {summary['llc_init']:.4g}, peak "
                   f"{summary['llc_peak']:.4g} at step {summary['llc_peak_step']}, final "
@@ -150,7 +165,8 @@ def _grokking(args) -> int:
 def _compare(args) -> int:
     out = _setup_folder(args, "compare")
     rows = run_comparison(args.setup, args.activations, args.seeds, quick=args.quick, out=out,
-                          regimes=args.regimes, mnist_dir=args.mnist_dir, command=_command(),
+                          regimes=args.regimes, mnist_dir=args.mnist_dir,
+                          executor=_executor(args), command=_command(),
                           verbose=not args.quiet)
     for row in rows:
         print(f"  {row['activation']:8s} {row['regime']:8s} λ̂ init {row['llc_init']:.3g}  "
@@ -217,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files "
                          "(default: $SLT_PROBE_MNIST_DIR)")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        cmd.add_argument("--executor", choices=EXECUTORS, default="serial",
+                         help="where the runs go: one after another here, or Ray tasks")
+        cmd.add_argument("--ray-address", default=None,
+                         help="a Ray cluster to use ('auto', or ray://HOST:10001; default: "
+                              "a local Ray instance on this machine)")
         if name == "grokking":
             cmd.add_argument("--activation", choices=ACTIVATION_NAMES, default=None,
                              help="default: the setup's published one (GELU for modadd-mlp, "
@@ -241,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ray_address", None) is not None and args.executor != "ray":
+        build_parser().error("--ray-address needs --executor ray")
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError, CalibrationError, json.JSONDecodeError) as err:

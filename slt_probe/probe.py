@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -308,18 +309,26 @@ class LLCProbe:
                 "fraction": self.probe_seconds / wall if wall and wall > 0 else float("nan")}
 
 
-def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
-                   settings: EstimateSettings | None = None, *,
-                   steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
-                   calibrate_on: int = -1, log_dir: str | Path | None = None,
-                   verbose: bool = True, load: Callable = torch.load, **overrides) -> list[dict]:
-    """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
+@dataclass
+class Trajectory:
+    """λ̂ over checkpoints: the rows, and the settings and calibration behind them."""
 
-    ``model`` supplies the architecture; it is left as it was. Rows (one per checkpoint,
-    at ``steps`` or 0, 1, 2, …) go to ``log_dir/llc.csv`` when given; steps already there
-    are skipped. ``sampler="auto"`` calibrates once on checkpoint ``calibrate_on`` (default:
-    the last, the most trained) and holds that sampler fixed for all of them.
-    """
+    rows: list[dict]
+    settings: EstimateSettings
+    calibration: Calibration | None
+
+    def manifest(self) -> dict:
+        return {"settings": self.settings.to_dict(),
+                "calibration": None if self.calibration is None else self.calibration.to_dict()}
+
+
+def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
+                        settings: EstimateSettings | None = None, *,
+                        steps: Iterable[int] | None = None, loss_fn="cross_entropy",
+                        output=None, calibrate_on: int = -1,
+                        log_dir: str | Path | None = None, verbose: bool = True,
+                        load: Callable = torch.load, **overrides) -> Trajectory:
+    """``llc_trajectory`` with the settings and calibration it used."""
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("checkpoints is empty")
@@ -327,8 +336,7 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
     if len(steps) != len(checkpoints):
         raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
     probe = LLCProbe(model, data, settings, loss_fn=loss_fn, output=output, every=None,
-                     steps=steps,
-                     log_dir=log_dir, verbose=False, **overrides)
+                     steps=steps, log_dir=log_dir, verbose=False, **overrides)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def load_checkpoint(checkpoint, step):
@@ -353,4 +361,31 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
     finally:
         model.load_state_dict(original)
         probe.detach()
-    return probe.history
+    return Trajectory(rows=probe.history, settings=probe.settings,
+                      calibration=probe.calibration)
+
+
+def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
+                   settings: EstimateSettings | None = None, *,
+                   steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
+                   calibrate_on: int = -1, log_dir: str | Path | None = None,
+                   verbose: bool = True, load: Callable = torch.load, **overrides) -> list[dict]:
+    """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
+
+    Args:
+        model: supplies the architecture; it is left as it was.
+        checkpoints: state_dicts or paths to them.
+        data, settings, loss_fn, output, **overrides: as for ``estimate_llc``.
+        steps: the step of each checkpoint (default 0, 1, 2, …).
+        calibrate_on: with ``sampler="auto"``, the index of the checkpoint the one
+            calibration runs on (default: the last, the most trained).
+        log_dir: rows go to ``log_dir/llc.csv``; steps already there are skipped.
+        verbose: a progress bar over checkpoints.
+
+    Returns:
+        The rows, one per checkpoint.
+    """
+    return estimate_trajectory(model, checkpoints, data, settings, steps=steps,
+                               loss_fn=loss_fn, output=output, calibrate_on=calibrate_on,
+                               log_dir=log_dir, verbose=verbose, load=load,
+                               **overrides).rows

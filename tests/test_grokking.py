@@ -162,7 +162,9 @@ def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
     def must_not_train(*args, **kw):
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(compare, "run_grokking", must_not_train)
+    from slt_probe.experiments import sweeps
+
+    monkeypatch.setattr(sweeps, "grokking_task", must_not_train)
     again = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
     assert [r["llc_final"] for r in again] == [r["llc_final"] for r in rows]
 

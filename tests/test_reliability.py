@@ -116,6 +116,8 @@ def test_resuming_with_other_settings_names_them_unless_asked_to_continue(tmp_pa
     (["grokking", "--setup", "modadd-mlp", "--regimes", "local,hot"], "unknown regimes"),
     (["compare", "--setup", "modadd-mlp", "--activations", "relu,foo"], "unknown activations"),
     (["compare", "--setup", "modadd-mlp", "--seeds", "0"], "--seeds"),
+    (["compare", "--setup", "modadd-mlp", "--executor", "dask"], "--executor"),
+    (["grokking", "--setup", "modadd-mlp", "--ray-address", "auto"], "needs --executor ray"),
 ])
 def test_every_bad_option_is_rejected_in_one_line_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

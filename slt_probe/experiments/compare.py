@@ -22,13 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
+from ..executors import SerialExecutor
 from ..models import activation
 from ..reports import markdown_table, mean_pm_std, plot_comparison, plot_redshift
 from ..run_log import write_csv_atomic, write_json_atomic, write_text_atomic
-from .grokking import run_grokking
 from .presets import REGIMES, GrokkingConfig, build_model, build_task, preset
 from .redshift import WEIGHT_SCALES, complexity_at_init
 from .summary import aggregate, load_run
+from .sweeps import grokking_sweep
 from .training import MODEL_NAME
 
 CALIBRATION_NAME = "calibration.json"
@@ -63,9 +64,13 @@ def held_out_everywhere(tasks) -> torch.Tensor:
 def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *,
                    quick: bool = False, out: str | Path, config: GrokkingConfig | None = None,
                    regimes=REGIMES, mnist_dir=None, scales=WEIGHT_SCALES,
-                   command: str | None = None, verbose: bool = True) -> list[dict]:
+                   executor=None, command: str | None = None,
+                   verbose: bool = True) -> list[dict]:
     """Every (activation, seed) run under one sampler per regime; one summary row per
-    activation and regime. Every name is checked before the first run starts."""
+    activation and regime. Every name is checked before the first run starts. The runs
+    are tasks of ``executor`` (default: serial, in this process): the first alone (its
+    checkpoint at the end of memorisation calibrates the local regime for all), then the
+    rest at once."""
     if not activations:
         raise ValueError("activations is empty")
     for name in activations:
@@ -82,22 +87,23 @@ def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *
     if "notebook" in regimes:
         write_json_atomic(out / NOTEBOOK_NAME, asdict(config.llc))
     calibrations = _recorded_calibrations(out)
-    jobs = [(a, s) for a in activations for s in seeds]
+    executor = executor or SerialExecutor()
+    jobs = [(a, s, out / a / f"seed{s}") for a in activations for s in seeds]
+    sweep = dict(quick=quick, config=config, regimes=regimes, mnist_dir=mnist_dir,
+                 executor=executor, command=command, verbose=verbose)
+    first_act, first_seed, first_folder = jobs[0]
+    if "local" in regimes and "local" not in calibrations:
+        grokking_sweep(setup, jobs[:1], calibrations=calibrations, **sweep)
+        manifest = json.loads((first_folder / "local" / "manifest.json").read_text())
+        calibrations["local"] = Calibration.from_dict(manifest["calibration"])
+        write_json_atomic(out / CALIBRATION_NAME, {
+            "calibrated_on": f"{first_act}/seed{first_seed}",
+            "calibration": manifest["calibration"]})
+    grokking_sweep(setup, jobs, calibrations=calibrations, **sweep)
     runs: dict[tuple[str, str], list[tuple[dict, list[dict], Path]]] = {}
-    for act, seed in tqdm(jobs, desc=f"compare {setup}", disable=not verbose):
-        folder = out / act / f"seed{seed}"
-        finished = {r: load_run(folder / r) for r in regimes}
-        if any(v is None for v in finished.values()):
-            run_grokking(setup, activation_name=act, seed=seed, quick=quick, out=folder,
-                         config=config, regimes=regimes, calibrations=calibrations,
-                         mnist_dir=mnist_dir, command=command, verbose=False)
-            finished = {r: load_run(folder / r) for r in regimes}
-        if "local" in regimes and "local" not in calibrations:
-            manifest = json.loads((folder / "local" / "manifest.json").read_text())
-            calibrations["local"] = Calibration.from_dict(manifest["calibration"])
-            write_json_atomic(out / CALIBRATION_NAME, {
-                "calibrated_on": f"{act}/seed{seed}", "calibration": manifest["calibration"]})
-        for regime, (summary, rows) in finished.items():
+    for act, seed, folder in jobs:
+        for regime in regimes:
+            summary, rows = load_run(folder / regime)
             runs.setdefault((act, regime), []).append((summary, rows, folder))
 
     tasks = [build_task(config, s, mnist_dir) for s in seeds]

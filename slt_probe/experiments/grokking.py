@@ -1,15 +1,18 @@
 """One grokking run: train a preset (``training``), then estimate λ̂ at every saved
 checkpoint in each LLC regime with one sampler for the whole run.
 
-A run folder holds the training (``metrics.csv``, ``checkpoints/``, ``model.pt``) and one
-subfolder per regime (``local/``, ``notebook/``) with ``llc.csv`` (the estimates beside the
-train/test metrics), ``manifest.json`` (settings, the calibration and its evidence),
-``summary.json`` and ``trajectory.png``. In the local regime the calibration runs on the
-checkpoint at the end of memorisation: there the network fits its training set (a
-near-minimum, as the calibration assumes) and λ̂ is near its largest, so the excess ratio,
-which grows with λ̂ at a fixed loss gap, is near its largest too; the ratio of every point
-is reported. An interrupted run resumes: finished training is reused, estimated steps are
-skipped. Not here: presets, summaries, comparisons.
+A run folder holds the training (``metrics.csv``, ``checkpoints/``, ``model.pt``,
+``run.json``) and one subfolder per regime (``local/``, ``notebook/``) with ``llc.csv``
+(the estimates beside the train/test metrics), ``manifest.json`` (settings, the
+calibration and its evidence), ``summary.json`` and ``trajectory.png``. In the local
+regime the calibration runs on the checkpoint at the end of memorisation: there the
+network fits its training set (a near-minimum, as the calibration assumes) and λ̂ is near
+its largest, so the excess ratio, which grows with λ̂ at a fixed loss gap, is near its
+largest too; the ratio of every point is reported.
+
+``run_grokking`` writes as it goes (an interrupted run reuses finished training and skips
+estimated steps); ``grokking_task`` computes a whole run in memory for a sweep's worker
+and ``write_run`` writes it from the driver. Not here: presets, summaries, comparisons.
 """
 from __future__ import annotations
 
@@ -17,18 +20,19 @@ import json
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..calibration import Calibration
-from ..probe import llc_trajectory
+from ..probe import estimate_trajectory
 from ..reports import plot_grokking
-from ..run_log import (CSV_NAME, MANIFEST_NAME, read_rows, write_csv_atomic,
-                       write_json_atomic)
+from ..run_log import (CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic)
 from .presets import REGIMES, GrokkingConfig, build_model, preset
 from .summary import PLOT_NAME, SUMMARY_NAME, summarize
-from .training import TrainedRun, train
+from .training import (CHECKPOINT_DIR, METRICS_NAME, MODEL_NAME, TRAINING_NAME, TrainedRun,
+                       checkpoint_path, train, training_identity)
 
 RUN_NAME = "run.json"
 
@@ -45,43 +49,71 @@ def default_activation(config: GrokkingConfig) -> str:
     return "gelu" if config.model == "modadd-mlp" else "relu"
 
 
+@dataclass
+class RegimeResult:
+    summary: dict
+    rows: list[dict]
+    manifest: dict
+
+
 def estimate_regime(config: GrokkingConfig, run: TrainedRun, act: str, seed: int,
                     regime: str, *, out: Path | None = None,
                     calibration: Calibration | None = None, verbose: bool = True
-                    ) -> tuple[dict, list[dict]]:
+                    ) -> RegimeResult:
     """λ̂ at every checkpoint of ``run`` in ``regime`` (``calibration`` holds a local
-    regime's sampler fixed instead of calibrating on this run); (summary, rows)."""
+    regime's sampler fixed instead of calibrating on this run)."""
     settings = config.regime_settings(regime).with_overrides(seed=seed)
     if calibration is not None:
         settings = calibration.apply(settings)
     steps = sorted(run.checkpoints)
     reference = run.memorised_step()
     data = (run.task.x_train, run.task.targets(run.task.y_train, config.loss))
-    llc_rows = llc_trajectory(build_model(config, act, seed), [run.checkpoints[s] for s in steps],
-                              data, settings, steps=steps, loss_fn=config.loss,
-                              calibrate_on=steps.index(reference), log_dir=out,
-                              verbose=verbose)
+    trajectory = estimate_trajectory(build_model(config, act, seed),
+                                     [run.checkpoints[s] for s in steps], data, settings,
+                                     steps=steps, loss_fn=config.loss,
+                                     calibrate_on=steps.index(reference), log_dir=out,
+                                     verbose=verbose)
     by_step = {r["step"]: dict(r) for r in run.metrics}
-    for row in llc_rows:
+    for row in trajectory.rows:
         by_step.setdefault(row["step"], {}).update(row)
     rows = [by_step[s] for s in sorted(by_step)]
-    manifest = (read_manifest(out) if out is not None else {})
+    manifest = trajectory.manifest()
     summary = summarize(rows, grok_accuracy=config.grok_accuracy)
     summary.update(regime=regime, calibrated_on_step=(reference if settings.auto else None),
-                   train_seconds=run.seconds,
-                   calibration=manifest.get("calibration"))
+                   train_seconds=run.seconds, calibration=manifest["calibration"],
+                   activation=act, seed=seed, setup=config.setup,
+                   num_params=sum(p.numel() for p in run.model.parameters()))
+    result = RegimeResult(summary, rows, manifest)
     if out is not None:
-        write_csv_atomic(out / CSV_NAME, rows, ["step"])
-        write_json_atomic(out / SUMMARY_NAME, summary)
-        plot_grokking(rows, out / PLOT_NAME, title=f"{config.setup} ({act}, seed {seed}, "
-                      f"{regime} LLC)", grok_step=summary["grok_step"],
-                      grok_accuracy=config.grok_accuracy)
-    return summary, rows
+        _write_regime(out, config, act, seed, regime, result)
+    return result
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.exists() else {}
+def _write_regime(out: Path, config: GrokkingConfig, act: str, seed: int, regime: str,
+                  result: RegimeResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(out / CSV_NAME, result.rows, ["step"])
+    write_json_atomic(out / SUMMARY_NAME, result.summary)
+    path = out / MANIFEST_NAME
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest.update({k: v for k, v in result.manifest.items() if v is not None})
+    write_json_atomic(path, manifest)
+    plot_grokking(result.rows, out / PLOT_NAME, title=f"{config.setup} ({act}, seed {seed}, "
+                  f"{regime} LLC)", grok_step=result.summary["grok_step"],
+                  grok_accuracy=config.grok_accuracy)
+
+
+def _run_record(config, act, seed, quick, regimes, command, commit) -> dict:
+    return {"command": command or " ".join(sys.argv), "config": config.to_dict(),
+            "activation": act, "seed": seed, "quick": quick, "regimes": list(regimes),
+            "git_commit": commit, "machine": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _checked_regimes(regimes) -> None:
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown:
+        raise ValueError(f"regimes must be among {REGIMES}, got {unknown}")
 
 
 def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 0,
@@ -89,12 +121,10 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
                  config: GrokkingConfig | None = None, regimes=REGIMES,
                  calibrations: dict[str, Calibration] | None = None, mnist_dir=None,
                  command: str | None = None, verbose: bool = True) -> dict[str, dict]:
-    """Train one setup and estimate its trajectory in each of ``regimes``; returns
-    ``{regime: summary}`` (also written under ``out``)."""
+    """Train one setup and estimate its trajectory in each of ``regimes``, writing as it
+    goes to ``out``; returns ``{regime: summary}``."""
     config = config or preset(setup, quick)
-    unknown = [r for r in regimes if r not in REGIMES]
-    if unknown:
-        raise ValueError(f"regimes must be among {REGIMES}, got {unknown}")
+    _checked_regimes(regimes)
     act = activation_name or default_activation(config)
     build_model(config, act, seed)  # names a bad activation before any work
     folder = Path(out) if out is not None else None
@@ -102,19 +132,64 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
     run = train(config, act, seed, out=folder, mnist_dir=mnist_dir, verbose=verbose)
     summaries = {}
     for regime in regimes:
-        sub = folder / regime if folder is not None else None
-        summary, _ = estimate_regime(config, run, act, seed, regime, out=sub,
-                                     calibration=(calibrations or {}).get(regime),
-                                     verbose=verbose)
-        summary.update(setup=setup, activation=act, seed=seed, quick=quick,
-                       num_params=sum(p.numel() for p in run.model.parameters()))
-        if sub is not None:
-            write_json_atomic(sub / SUMMARY_NAME, summary)
-        summaries[regime] = summary
+        result = estimate_regime(config, run, act, seed, regime,
+                                 out=folder / regime if folder is not None else None,
+                                 calibration=(calibrations or {}).get(regime),
+                                 verbose=verbose)
+        summaries[regime] = {**result.summary, "quick": quick}
+        if folder is not None:
+            write_json_atomic(folder / regime / SUMMARY_NAME, summaries[regime])
     if folder is not None:
-        write_json_atomic(folder / RUN_NAME, {
-            "command": command or " ".join(sys.argv), "config": config.to_dict(),
-            "activation": act, "seed": seed, "quick": quick, "regimes": list(regimes),
-            "git_commit": commit, "machine": platform.platform(),
-            "torch_threads": torch.get_num_threads()})
+        write_json_atomic(folder / RUN_NAME, _run_record(config, act, seed, quick, regimes,
+                                                         command, commit))
     return summaries
+
+
+@dataclass
+class RunOutput:
+    """A whole grokking run, computed in memory by a sweep's worker."""
+
+    config: GrokkingConfig
+    activation: str
+    seed: int
+    quick: bool
+    training: TrainedRun
+    regimes: dict[str, RegimeResult]
+    record: dict
+
+
+def grokking_task(setup: str, activation: str, seed: int, quick: bool,
+                  config: GrokkingConfig, regimes, calibrations: dict | None = None,
+                  mnist_dir=None, command: str | None = None, commit: str | None = None
+                  ) -> RunOutput:
+    """One run of a sweep, in memory (writes nothing): training, checkpoints, every
+    regime's rows, summary and calibration."""
+    _checked_regimes(regimes)
+    run = train(config, activation, seed, mnist_dir=mnist_dir, verbose=False)
+    results = {regime: estimate_regime(config, run, activation, seed, regime,
+                                       calibration=(calibrations or {}).get(regime),
+                                       verbose=False) for regime in regimes}
+    for result in results.values():
+        result.summary["quick"] = quick
+    return RunOutput(config, activation, seed, quick, run, results,
+                     _run_record(config, activation, seed, quick, regimes, command, commit))
+
+
+def write_run(folder: str | Path, output: RunOutput) -> None:
+    """Write what ``grokking_task`` computed, as ``run_grokking`` would have (the driver
+    process is the only writer)."""
+    folder = Path(folder)
+    (folder / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    run = output.training
+    for step, state in run.checkpoints.items():
+        torch.save(state, checkpoint_path(folder, step))
+    torch.save(run.model.state_dict(), folder / MODEL_NAME)
+    write_csv_atomic(folder / METRICS_NAME, run.metrics)
+    write_json_atomic(folder / TRAINING_NAME, {**training_identity(output.config,
+                                                                   output.activation,
+                                                                   output.seed),
+                                               "seconds": run.seconds})
+    for regime, result in output.regimes.items():
+        _write_regime(folder / regime, output.config, output.activation, output.seed, regime,
+                      result)
+    write_json_atomic(folder / RUN_NAME, output.record)

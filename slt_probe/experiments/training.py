@@ -43,6 +43,12 @@ def evaluate(model: nn.Module, task: Task, loss: str) -> dict:
     return metrics
 
 
+def training_identity(config: GrokkingConfig, act: str, seed: int) -> dict:
+    """What makes two trainings the same (a finished one is reused only for the same)."""
+    return {"config": json.loads(json.dumps(config.to_dict())), "activation": act,
+            "seed": seed}
+
+
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / CHECKPOINT_DIR / f"step_{step:09d}.pt"
 
@@ -80,8 +86,7 @@ def train(config: GrokkingConfig, act: str, seed: int, *, out: str | Path | None
     model = build_model(config, act, seed)
     folder = Path(out) if out is not None else None
     llc_steps = config.llc_steps()
-    identity = {"config": json.loads(json.dumps(config.to_dict())), "activation": act,
-                "seed": seed}
+    identity = training_identity(config, act, seed)
     if folder is not None and _finished(folder, llc_steps, identity):
         model.load_state_dict(torch.load(folder / MODEL_NAME))
         return TrainedRun(model, task, read_rows(folder / METRICS_NAME),
