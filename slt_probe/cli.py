@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .api import estimate_llc
@@ -19,6 +20,9 @@ from .calibration import CalibrationError
 from .executors import EXECUTORS, make_executor
 from .experiments.compare import run_comparison
 from .experiments.grokking import default_activation, run_grokking
+from .experiments.homogeneity import SETUPS as HOMOGENEITY_SETUPS
+from .experiments.homogeneity import preset as homogeneity_preset
+from .experiments.homogeneity import run_homogeneity
 from .experiments.presets import REGIMES, SETUPS, preset
 from .experiments.summary import load_run, report
 from .experiments.sweeps import grokking_sweep
@@ -176,6 +180,35 @@ def _compare(args) -> int:
     return 0
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "widths") from None
+    if not widths or any(w < 1 for w in widths) or len(set(widths)) != len(widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct widths >= 1")
+    return widths
+
+
+def _homogeneity(args) -> int:
+    out = _setup_folder(args, "homogeneity")
+    config = homogeneity_preset(args.setup, args.quick)
+    changes = {k: v for k, v in (("widths", args.widths), ("init_seeds", args.seeds),
+                                 ("data_seeds", args.data_seeds)) if v is not None}
+    if changes:
+        config = replace(config, **changes)
+    rows = run_homogeneity(args.setup, quick=args.quick, config=config, out=out,
+                           mnist_dir=args.mnist_dir, executor=_executor(args),
+                           command=_command(), verbose=not args.quiet)
+    for row in rows:
+        print(f"  width {row['width']:4d}: train err {row['train_error']:.3f}, test err "
+              f"{row['test_error']:.3f}, variance init {row['init_variance']:.3g} / data "
+              f"{row['data_variance']:.3g}, λ̂ {row['llc_mean']:.3g} ± {row['llc_std']:.2g}")
+    print(f"  wrote {out}/homogeneity.csv, summary.md, manifest.json, homogeneity.png")
+    return 0
+
+
 def _grokking_report(args) -> int:
     root = Path(args.root)
     if not root.is_dir():
@@ -253,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--seeds", type=positive_int, default=3,
                              help="number of seeds (0 … N-1)")
             cmd.set_defaults(run=_compare)
+    hom = sub.add_parser("homogeneity", help="run-to-run variance and λ̂ against width")
+    hom.add_argument("--setup", choices=HOMOGENEITY_SETUPS, required=True)
+    hom.add_argument("--widths", type=_widths, default=None,
+                     help="comma-separated hidden widths (default: the preset's)")
+    hom.add_argument("--seeds", type=_number(int, 2, True, "a whole number >= 2"), default=None,
+                     help="initialisation seeds per width (default 4; quick 2)")
+    hom.add_argument("--data-seeds", type=_number(int, 2, True, "a whole number >= 2"),
+                     default=None, help="training subsets per width (default 4; quick 2)")
+    hom.add_argument("--quick", action="store_true", help="4 widths, 2 + 2 seeds (minutes)")
+    hom.add_argument("--out", default=None, help=f"folder (default {RUNS_DIR}/homogeneity/"
+                     "SETUP, or SETUP-quick with --quick)")
+    hom.add_argument("--mnist-dir", default=None)
+    hom.add_argument("--executor", choices=EXECUTORS, default="serial")
+    hom.add_argument("--ray-address", default=None)
+    hom.add_argument("--quiet", action="store_true")
+    hom.set_defaults(run=_homogeneity)
     rep = sub.add_parser("grokking-report", help="table over finished grokking runs")
     rep.add_argument("--root", default="results/grokking")
     rep.add_argument("--replot", action="store_true", help="redraw each run's trajectory.png")

@@ -297,3 +297,36 @@ def plot_validation(rows: list[dict], path=None) -> Figure:
     ax.set_ylabel("λ̂ (auto-calibrated)")
     ax.legend()
     return _finish(fig, path)
+
+
+def plot_homogeneity(rows: list[dict], marks: dict, path=None, title: str = "") -> Figure:
+    """Against width (log axis): the variance of predictions across runs (initialisation
+    and data parts), the pairwise disagreement, the test error, and λ̂/d; the
+    interpolation threshold and parameters ≈ examples × outputs marked."""
+    fig = Figure(figsize=(8.5, 7))
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    widths = [r["width"] for r in rows]
+    panels = [("variance of predictions", [("init_variance", "initialisation"),
+                                           ("data_variance", "training data"),
+                                           ("total_variance", "all runs")]),
+              ("pairwise disagreement", [("init_disagreement", "initialisation"),
+                                         ("data_disagreement", "training data")]),
+              ("error", [("test_error", "test"), ("train_error", "train")]),
+              ("λ̂ / d", [("llc_per_param", "λ̂ / parameters")])]
+    for ax, (label, series) in zip(axes, panels):
+        for key, name in series:
+            ax.plot(widths, [r[key] for r in rows], "o-", label=name)
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        if marks.get("interpolation_width"):
+            ax.axvline(marks["interpolation_width"], color="grey", ls="--", lw=1,
+                       label="interpolation threshold")
+        ax.axvline(marks["params_equal_examples_width"], color="tab:red", ls=":", lw=1,
+                   label="parameters ≈ examples × outputs")
+        ax.legend(fontsize=7)
+    axes[3].set_yscale("log")
+    for ax in axes[2:]:
+        ax.set_xlabel("width")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)

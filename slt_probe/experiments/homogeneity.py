@@ -1,0 +1,361 @@
+"""Do independently trained networks become alike as they grow? Run-to-run variance of the
+predictions, and λ̂, against network width.
+
+For every width: K networks that differ only in their initialisation seed (training
+subset 0) and J networks that differ only in their training subset (initialisation seed
+0; run (0, 0) is shared), each trained with the setup's optimiser until it fits its
+training set (train error 0 and train loss below ``converged_loss``) or the step budget
+ends. Measured on a fixed evaluation set that no training subset draws from:
+
+- train and test error;
+- the variance of the predictions across runs, split one factor at a time: the
+  initialisation part is the variance over the K seeds at fixed data, the data part the
+  variance over the J subsets at fixed initialisation (each averaged over evaluation
+  inputs and outputs; ``variance_parts``). They are conditional variances, not an additive
+  split of the total: with an interaction between the factors each contains it;
+- the pairwise disagreement of the predicted classes;
+- λ̂ of each of the K networks, with the sampler calibrated automatically on the seed-0
+  network of that width and held fixed for the others, and λ̂/d.
+
+The interpolation threshold is the smallest width whose K networks all reach zero
+training error; the width where parameters ≈ examples × outputs is marked beside it.
+Writes ``homogeneity.csv`` (one row per width), ``summary.md``, ``manifest.json``,
+``homogeneity.png``; finished widths (``widths/w<width>.json``) are reused on resume.
+Trainings and estimates are tasks of an executor (serial or Ray).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..calibration import CalibrationGrid
+from ..data import MinibatchStream
+from ..executors import SerialExecutor, Task
+from ..losses import resolve_loss
+from ..mnist import load_mnist
+from ..models import ModAddMLP, mlp, modadd_data
+from ..probe import estimate_trajectory
+from ..reports import markdown_table, mean_pm_std, plot_homogeneity
+from ..run_log import versions, write_csv_atomic, write_json_atomic, write_text_atomic
+from ..settings import EstimateSettings
+
+SETUPS = ("mnist-mlp", "modadd-mlp")
+
+
+@dataclass(frozen=True)
+class HomogeneityConfig:
+    """A width sweep. ``widths`` are the hidden widths (MNIST: 784-w-w-10; modular
+    addition: the MLP's hidden layer)."""
+
+    setup: str
+    widths: tuple[int, ...]
+    init_seeds: int = 4
+    data_seeds: int = 4
+    num_train: int = 1000
+    num_eval: int = 2000
+    max_steps: int = 10_000
+    converged_loss: float = 1e-3
+    eval_every: int = 250
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 200
+    llc_draws: int = 200
+    llc_chains: int = 4
+
+    def __post_init__(self) -> None:
+        if self.setup not in SETUPS:
+            raise ValueError(f"setup must be one of {SETUPS}, got {self.setup!r}")
+        if not self.widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                  for w in self.widths):
+            raise ValueError(f"widths must be positive whole numbers, got {self.widths}")
+        if len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"widths must be distinct, got {self.widths}")
+        for name, low in (("init_seeds", 2), ("data_seeds", 2), ("num_train", 2),
+                          ("num_eval", 2), ("max_steps", 1), ("eval_every", 1),
+                          ("batch_size", 1), ("llc_draws", 1), ("llc_chains", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not self.converged_loss > 0:
+            raise ValueError(f"converged_loss must be > 0, got {self.converged_loss}")
+
+    @property
+    def loss(self) -> str:
+        return "mse" if self.setup == "mnist-mlp" else "cross_entropy"
+
+    @property
+    def outputs(self) -> int:
+        return 10 if self.setup == "mnist-mlp" else 53
+
+    def num_params(self, width: int) -> int:
+        return sum(p.numel() for p in build_network(self, width, 0).parameters())
+
+
+def preset(setup: str, quick: bool = False) -> HomogeneityConfig:
+    """The full sweep (widths 2 … 512, 4 + 4 seeds) or a quick one (4 widths across the
+    interpolation threshold, 2 + 2 seeds, shorter budgets)."""
+    if setup not in SETUPS:
+        raise ValueError(f"setup must be one of {SETUPS}, got {setup!r}")
+    if setup == "mnist-mlp":
+        full = HomogeneityConfig("mnist-mlp", widths=(2, 4, 8, 16, 32, 64, 128, 256, 512))
+        quick_config = replace(full, widths=(2, 8, 32, 128), init_seeds=2, data_seeds=2,
+                               max_steps=2000, num_eval=1000, llc_draws=100)
+    else:
+        full = HomogeneityConfig("modadd-mlp", widths=(4, 8, 16, 32, 64, 128, 256, 512),
+                                 num_train=1124, num_eval=800, lr=5e-3, weight_decay=2e-4,
+                                 batch_size=128, converged_loss=1e-2, max_steps=8000)
+        quick_config = replace(full, widths=(4, 16, 64, 256), init_seeds=2, data_seeds=2,
+                               max_steps=2000, llc_draws=100)
+    return quick_config if quick else full
+
+
+@functools.lru_cache(maxsize=4)
+def load_pool(setup: str, mnist_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All examples of the setup (read once per process: sweep tasks call it too)."""
+    if setup == "mnist-mlp":
+        try:
+            images, labels = load_mnist("test", mnist_dir)
+        except FileNotFoundError as missing_test:
+            try:
+                images, labels = load_mnist("train", mnist_dir)
+            except FileNotFoundError:
+                raise missing_test from None
+        return images.reshape(len(images), -1), labels
+    return modadd_data(53)
+
+
+def split(config: HomogeneityConfig, x, y, data_seed: int):
+    """(x_train, y_train, x_eval, y_eval): a fixed evaluation set (the pool's permutation
+    by seed 0), and ``num_train`` training examples drawn from the rest by ``data_seed``."""
+    if config.num_eval + config.num_train > len(x):
+        raise ValueError(f"num_eval + num_train ({config.num_eval + config.num_train}) exceed "
+                         f"the {len(x)} examples available")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    evaluation, rest = order[:config.num_eval], order[config.num_eval:]
+    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(1000 + data_seed))
+    train = rest[pick[:config.num_train]]
+    return x[train], y[train], x[evaluation], y[evaluation]
+
+
+def build_network(config: HomogeneityConfig, width: int, init_seed: int) -> torch.nn.Module:
+    torch.manual_seed(init_seed)
+    if config.setup == "mnist-mlp":
+        return mlp([784, width, width, 10], act="relu")
+    return ModAddMLP(p=53, embed_dim=12, hidden=width, act="gelu")
+
+
+def _targets(config, labels):
+    return F.one_hot(labels, config.outputs).float() if config.loss == "mse" else labels
+
+
+@torch.no_grad()
+def _evaluate(model, config, x, labels):
+    out = torch.cat([model(c) for c in x.split(4096)])
+    loss = float(resolve_loss(config.loss).batch(out, _targets(config, labels)))
+    error = float((out.argmax(1) != labels).float().mean())
+    return out, loss, error
+
+
+def train_network(config: HomogeneityConfig, width: int, init_seed: int, data_seed: int,
+                  mnist_dir=None) -> dict:
+    """One network (a sweep task): trained until it fits or the budget ends; returns its
+    weights, errors, losses, steps and its predictions on the evaluation set."""
+    x, labels, x_eval, y_eval = split(config, *load_pool(config.setup, mnist_dir), data_seed)
+    model = build_network(config, width, init_seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    targets = _targets(config, labels)
+    batch_loss = resolve_loss(config.loss).batch
+    stream = MinibatchStream(len(x), 1, config.batch_size,
+                             torch.Generator().manual_seed(init_seed + 1), torch.device("cpu"),
+                             drop_last=False)
+    started = time.perf_counter()
+    converged, step = False, 0
+    for step in range(1, config.max_steps + 1):
+        index = stream.next()[0]
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss(model(x[index]), targets[index]).backward()
+        optimizer.step()
+        if step % config.eval_every == 0 or step == config.max_steps:
+            _, train_loss, train_error = _evaluate(model, config, x, labels)
+            if train_error == 0 and train_loss < config.converged_loss:
+                converged = True
+                break
+    model.eval()
+    _, train_loss, train_error = _evaluate(model, config, x, labels)
+    out, test_loss, test_error = _evaluate(model, config, x_eval, y_eval)
+    prediction = out if config.loss == "mse" else out.softmax(-1)
+    return {"width": width, "init_seed": init_seed, "data_seed": data_seed, "steps": step,
+            "converged": converged, "train_error": train_error, "train_loss": train_loss,
+            "test_error": test_error, "test_loss": test_loss,
+            "prediction": prediction.numpy(), "state": model.state_dict(),
+            "seconds": time.perf_counter() - started}
+
+
+def estimate_width(config: HomogeneityConfig, width: int, states: list[dict],
+                   mnist_dir=None) -> dict:
+    """λ̂ of the width's K init-seed networks (a sweep task): ``sampler="auto"`` calibrated
+    on the first and held fixed for all (one trajectory over the K networks)."""
+    x, labels, _, _ = split(config, *load_pool(config.setup, mnist_dir), 0)
+    settings = EstimateSettings(sampler="auto", num_chains=config.llc_chains,
+                                num_draws=config.llc_draws, batch_size=config.batch_size,
+                                calibration_grid=CalibrationGrid(max_chains=16))
+    trajectory = estimate_trajectory(build_network(config, width, 0), states,
+                                     (x, _targets(config, labels)), settings,
+                                     loss_fn=config.loss, calibrate_on=0, verbose=False)
+    return {"rows": trajectory.rows, "calibration": trajectory.manifest()["calibration"]}
+
+
+def variance_parts(init_predictions: np.ndarray, data_predictions: np.ndarray) -> dict:
+    """Run-to-run variance of predictions (runs, inputs, outputs), one factor at a time:
+    the initialisation part is the unbiased variance over the init-seed runs (fixed data),
+    the data part over the data-seed runs (fixed initialisation), both averaged over
+    inputs and outputs; the total is the variance over all distinct runs.
+
+    >>> a = np.array([[[0.0]], [[2.0]]]); b = np.array([[[0.0]], [[4.0]]])
+    >>> variance_parts(a, b)
+    {'init_variance': 2.0, 'data_variance': 8.0, 'total_variance': 4.0}
+    """
+    runs = np.concatenate([init_predictions, data_predictions[1:]])  # run 0 is shared
+    return {"init_variance": float(init_predictions.var(axis=0, ddof=1).mean()),
+            "data_variance": float(data_predictions.var(axis=0, ddof=1).mean()),
+            "total_variance": float(runs.var(axis=0, ddof=1).mean())}
+
+
+def disagreement(predictions: np.ndarray) -> float:
+    """Mean over pairs of runs of the fraction of inputs where their classes differ."""
+    labels = predictions.argmax(-1)
+    pairs = itertools.combinations(range(len(labels)), 2)
+    return float(np.mean([(labels[i] != labels[j]).mean() for i, j in pairs]))
+
+
+def width_row(config: HomogeneityConfig, width: int, runs: list[dict], llc: dict) -> dict:
+    init = [r for r in runs if r["data_seed"] == 0]
+    data = [r for r in runs if r["init_seed"] == 0]
+    init.sort(key=lambda r: r["init_seed"])
+    data.sort(key=lambda r: r["data_seed"])
+    estimates = [r for r in llc["rows"] if r.get("llc_mean") is not None]
+    d = config.num_params(width)
+    values = np.array([r["llc_mean"] for r in estimates])
+    cal = llc["calibration"] or {}
+    return {
+        "width": width, "num_params": d,
+        "train_error": float(np.mean([r["train_error"] for r in init])),
+        "train_error_max": float(max(r["train_error"] for r in init)),
+        "test_error": float(np.mean([r["test_error"] for r in init])),
+        "test_error_std": float(np.std([r["test_error"] for r in init], ddof=1)),
+        "converged": sum(r["converged"] for r in runs), "runs": len(runs),
+        "steps": float(np.mean([r["steps"] for r in runs])),
+        **variance_parts(np.stack([r["prediction"] for r in init]),
+                         np.stack([r["prediction"] for r in data])),
+        "init_disagreement": disagreement(np.stack([r["prediction"] for r in init])),
+        "data_disagreement": disagreement(np.stack([r["prediction"] for r in data])),
+        "llc_mean": float(values.mean()), "llc_std": float(values.std(ddof=1)),
+        "llc_per_param": float(values.mean() / d),
+        "llc_healthy": sum(bool(r.get("healthy")) for r in estimates),
+        "llc_local": sum(r.get("local") is not False for r in estimates),
+        "max_excess_ratio": max((r["excess_ratio"] for r in estimates
+                                 if r.get("excess_ratio") is not None), default=None),
+        "lr": (cal.get("sampler") or {}).get("lr"),
+        "localization": (cal.get("sampler") or {}).get("localization"),
+        "nbeta": estimates[0]["nbeta"] if estimates else None,
+        "train_seconds": float(sum(r["seconds"] for r in runs)),
+        "llc_seconds": float(sum(r.get("seconds") or 0.0 for r in estimates)),
+    }
+
+
+def thresholds(config: HomogeneityConfig, rows: list[dict]) -> dict:
+    """The smallest width whose init-seed networks all fit their training set, and the
+    width nearest to parameters = examples × outputs."""
+    fitted = [r["width"] for r in rows if r["train_error_max"] == 0]
+    target = config.num_train * config.outputs
+    nearest = min(rows, key=lambda r: abs(math.log(r["num_params"] / target)))["width"]
+    return {"interpolation_width": min(fitted) if fitted else None,
+            "params_equal_examples_width": nearest, "examples_times_outputs": target}
+
+
+def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfig | None = None,
+                    out: str | Path, mnist_dir=None, executor=None, command: str | None = None,
+                    verbose: bool = True) -> list[dict]:
+    """The whole sweep; returns one row per width (also written to ``out``)."""
+    config = config or preset(setup, quick)
+    out = Path(out)
+    (out / "widths").mkdir(parents=True, exist_ok=True)
+    executor = executor or SerialExecutor()
+    split(config, *load_pool(config.setup, mnist_dir), 0)  # fails before any training
+    done = {w: json.loads(p.read_text()) for w in config.widths
+            if (p := out / "widths" / f"w{w}.json").exists()}
+    todo = [w for w in config.widths if w not in done]
+    runs = [(w, i, 0) for w in todo for i in range(config.init_seeds)]
+    runs += [(w, 0, j) for w in todo for j in range(1, config.data_seeds)]
+    trained: dict[int, list[dict]] = {w: [] for w in todo}
+    tasks = [Task(train_network, dict(config=config, width=w, init_seed=i, data_seed=j,
+                                      mnist_dir=mnist_dir),
+                  label=f"width {w} init {i} data {j}") for w, i, j in runs]
+    for outcome in executor.map(tasks, desc="trainings", verbose=verbose):
+        trained[outcome.value["width"]].append(outcome.value)
+
+    def finish(outcome):
+        width = outcome.task.kwargs["width"]
+        row = width_row(config, width, trained[width], outcome.value)
+        write_json_atomic(out / "widths" / f"w{width}.json", row)
+        done[width] = row
+
+    llc_tasks = [Task(estimate_width, dict(
+        config=config, width=w, mnist_dir=mnist_dir,
+        states=[r["state"] for r in sorted(trained[w], key=lambda r: r["init_seed"])
+                if r["data_seed"] == 0]), label=f"λ̂ at width {w}") for w in todo]
+    executor.map(llc_tasks, desc="λ̂ per width", verbose=verbose, on_result=finish)
+    rows = [done[w] for w in config.widths]
+    marks = thresholds(config, rows)
+    write_csv_atomic(out / "homogeneity.csv", rows)
+    write_json_atomic(out / "manifest.json", {"config": asdict(config), "quick": quick,
+                                              "command": command, "thresholds": marks,
+                                              "versions": versions()})
+    write_text_atomic(out / "summary.md", summary_markdown(config, rows, marks, command))
+    plot_homogeneity(rows, marks, out / "homogeneity.png",
+                     title=f"{config.setup}: {config.num_train} training examples, "
+                           f"{config.init_seeds} init × {config.data_seeds} data seeds")
+    return rows
+
+
+def summary_markdown(config: HomogeneityConfig, rows: list[dict], marks: dict,
+                     command: str | None) -> str:
+    lines = [f"# Homogeneity across training runs: {config.setup}", ""]
+    if command:
+        lines += [f"Regenerate: `{command}`", ""]
+    lines += [f"{config.num_train} training examples per run, evaluation on {config.num_eval} "
+              f"held out from every subset; {config.init_seeds} initialisation seeds (subset 0) "
+              f"and {config.data_seeds} training subsets (initialisation 0) per width. Each run "
+              f"trains (AdamW lr {config.lr:g}, weight decay {config.weight_decay:g}, batch "
+              f"{config.batch_size}) until train error 0 and train loss < "
+              f"{config.converged_loss:g}, or {config.max_steps:,} steps. Interpolation "
+              f"threshold (all init-seed runs at zero train error): width "
+              f"{marks['interpolation_width']}; parameters ≈ examples × outputs "
+              f"({marks['examples_times_outputs']:,}) near width "
+              f"{marks['params_equal_examples_width']}. λ̂: `sampler=\"auto\"` calibrated on "
+              "the seed-0 network of each width and held for its seeds (ε, γ in the table; "
+              "nβ = n/log n).", ""]
+    header = ["width", "d", "train err", "test err", "converged", "var init", "var data",
+              "var total", "disagree init", "disagree data", "λ̂", "λ̂/d", "healthy",
+              "local", "max r", "ε, γ"]
+    lines += markdown_table(header, [
+        [r["width"], f"{r['num_params']:,}", f"{r['train_error']:.3f}",
+         f"{r['test_error']:.3f} ± {r['test_error_std']:.3f}", f"{r['converged']}/{r['runs']}",
+         f"{r['init_variance']:.3g}", f"{r['data_variance']:.3g}",
+         f"{r['total_variance']:.3g}", f"{r['init_disagreement']:.3f}",
+         f"{r['data_disagreement']:.3f}", mean_pm_std(r["llc_mean"], r["llc_std"]),
+         f"{r['llc_per_param']:.2e}", f"{r['llc_healthy']}/{config.init_seeds}",
+         f"{r['llc_local']}/{config.init_seeds}",
+         mean_pm_std(r["max_excess_ratio"], None, ".2f"),
+         f"{r['lr']:.2g}, {r['localization']:g}" if r["lr"] else "—"] for r in rows])
+    return "\n".join(lines) + "\n"
