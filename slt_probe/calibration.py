@@ -42,7 +42,10 @@ from .samplers import SGLD
 from .settings import EstimateSettings, correction_applies, resolve_settings
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
-DEFAULT_LOCALIZATIONS = (1e4, 3e3, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0)
+# γ from 1 to 10⁶ by half-decades: a large-weight network can need 10⁵ to stay local
+# (measured on the Omnigrok MNIST MLP at the end of memorisation)
+DEFAULT_LOCALIZATIONS = (1e6, 3e5, 1e5, 3e4, 1e4, 3e3, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0,
+                         1.0)
 # MALA acceptance is read every this many steps of a ladder level (an extra forward each).
 _MALA_EVERY = 25
 
@@ -73,10 +76,11 @@ class CalibrationGrid:
             measured).
         warmup_gap: the sweep over γ (and the estimate's warm-up) runs at the first ε,
             halving from a hot relaxation, whose λ̂ is within this of 2ε's.
-        settle: a level at ε runs at least ``settle`` × ε_stable/ε steps (ε_stable: the
-            stability probe's ε): the stiffest directions, whose curvature the probe's
-            stability limit measures, relax in about ε_stable/ε steps, so levels at small
-            ε settle them before they are measured.
+        settle: a level at ε runs at least ``settle`` × min(ε_stable/ε, 1/(γε)) steps
+            (ε_stable: the stability probe's ε): the stiffest directions, whose curvature
+            the probe's stability limit measures, relax in about ε_stable/ε steps, and every
+            direction within 1/(γε); so levels at small ε settle them before they are
+            measured.
         bias_tolerance: largest gap between λ̂ at 2ε and at ε for which ε is accepted; an
             unresolved gap (s.e. above half the tolerance) doubles both levels up to
             ``max_lengthenings`` times and is then accepted unless significantly (2 s.e.)
@@ -375,7 +379,7 @@ class _Search:
         chains are not local (relaxing further only spreads them more)."""
         grid = self.grid
         lr = min(lr, 1.0 / gamma)  # a strong pull needs a step that does not overshoot w*
-        need = max(grid.min_steps, self.settle_steps(lr),
+        need = max(grid.min_steps, self.settle_steps(lr, gamma),
                    math.ceil(grid.relax_time / (gamma * lr)))
         if need > grid.max_relax_steps:
             return Stage(False, "budget", f"relaxing at γ = {gamma:g} would take {need:,} "
@@ -448,7 +452,7 @@ class _Search:
         larger = None
         base = level_steps or grid.level_steps
         while lr >= min(grid.lrs) / 2:
-            level_steps = first_steps = max(base, self.settle_steps(lr))
+            level_steps = first_steps = max(base, self.settle_steps(lr, gamma))
             smaller = self.chains(lr, gamma, start, seed_offset=1)
             while True:
                 if not ((larger is None or self.extend(larger, level_steps))
@@ -483,10 +487,13 @@ class _Search:
                                         f"{tolerance:.0%} per halving of ε at the "
                                         f"grid's smallest ε ({min(grid.lrs):.3g})")
 
-    def settle_steps(self, lr: float) -> int:
+    def settle_steps(self, lr: float, gamma: float) -> int:
+        """Steps for the stiff directions to settle at step ``lr``: about ε_stable/ε for the
+        stiffest loss direction, and never more than 1/(γε), within which the
+        localisation alone pulls every direction back."""
         if not math.isfinite(self.stable):
             return 0
-        return math.ceil(self.grid.settle * self.stable / lr)
+        return math.ceil(self.grid.settle * min(self.stable / lr, 1.0 / (gamma * lr)))
 
     def chain_draws_for_target(self, level: dict, num_chains: int) -> int:
         target = self.grid.target_relative_sem
@@ -606,11 +613,12 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     lr = chosen["lr"]
     chosen["measured_draws"] = chosen["steps"] - chosen["steps"] // 2
     draws_for_target = search.chain_draws_for_target(chosen, num_chains)
-    # the estimate warms up from w* at the sweep's ε for the Langevin time the sweep took
-    # to relax from w*, then burns in at ε long enough to settle the stiff directions
-    warmup_lr = max(sweep_lr, lr)
+    # the estimate warms up from w* at the step the sweep relaxed with at this γ (the
+    # sweep's ε, capped so that the pull γε does not overshoot w*) for the Langevin time
+    # the sweep took, then burns in at ε long enough to settle the stiff directions
+    warmup_lr = max(local.chains.sampler.lr, lr)
     warmup_steps = math.ceil(sweep_time / warmup_lr)
-    burnin = max(chosen["steps"] // 2, search.settle_steps(lr))
+    burnin = max(chosen["steps"] // 2, search.settle_steps(lr, gamma))
     weaker = [g for g in grid.localizations if g < gamma]
     why_not_weaker = (f"the next weaker γ failed: {notes[-1]}" if notes and weaker
                       else "it is the weakest on the grid")

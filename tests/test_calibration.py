@@ -95,6 +95,7 @@ def test_calibration_stages_and_its_choice_on_a_regular_model(regular_problem, t
     assert abs(chosen["gap_to_double_lr"]) <= SMALL_GRID.bias_tolerance or not chosen["resolved"]
     assert all(a["lr"] / b["lr"] == pytest.approx(2.0) for a, b in zip(ladder, ladder[1:]))
     assert cal.warmup_lr >= cal.sampler.lr and cal.num_warmup > 0
+    assert cal.warmup_lr * gamma <= 1  # the warm-up's pull never overshoots w*
     # the estimate with the calibration lands on the exact E[λ̂] at the chosen γ
     expected = p.expected_llc(nbeta=cal.nbeta, localization=gamma)
     result = estimate_llc(p.model, (p.x, p.y), cal.apply(EstimateSettings(num_draws=1000)),
@@ -215,3 +216,16 @@ def test_probe_calibrates_at_the_named_step_and_then_estimates_online(tmp_path):
     assert probe.calibration is not None and [r["step"] for r in probe.llc_rows()] == [0, 1, 2]
     with pytest.raises(ValueError, match="calibrate_at"):
         LLCProbe(model, (x, y), every=1, sampler=slt_probe.SGLD(), calibrate_at=3)
+
+
+def test_a_localisation_stronger_than_the_first_warms_up_without_overshooting():
+    # a strict locality limit sends the sweep from γ = 100 to stronger γ, where the sweep's
+    # step must shrink so that γε stays below 1; the estimate's warm-up uses that step
+    model, x, y = _memorised_classifier()
+    grid = replace(SMALL_GRID, localizations=(1e5, 1e4, 1e3, 100.0), max_excess_ratio=0.02)
+    cal = calibrate(model, (x, y), grid=grid, batch_size=64, verbose=False)
+    gamma = cal.sampler.localization
+    assert gamma > 100 and cal.warmup_lr * gamma <= 1
+    result = estimate_llc(model, (x, y), cal.apply(EstimateSettings(num_draws=50)),
+                          batch_size=64, verbose=False)
+    assert result.diagnostics["num_diverged"] == 0
