@@ -81,6 +81,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
                                  desc=desc, mala_samples=mala_samples):
             accumulator.update(record)
         diverged, diverged_at = driver.diverged, driver.diverged_at
+    config["compiled"] = model.compiled
     config["compute_path"] = model.path
     config["compute_path_note"] = model.path_note
     config["seconds"] = time.perf_counter() - started

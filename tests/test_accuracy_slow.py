@@ -26,8 +26,6 @@ def test_estimate_within_ten_percent_of_true_lambda(case):
                           num_burnin=case.num_burnin, batch_size=case.batch_size, seed=0,
                           verbose=False)
     truth = float(problem.true_lambda)
-    print(f"{name}: true {truth:.4f}, estimate {result.llc_mean:.4f} ± {result.llc_std:.4f} "
-          f"(rel. error {(result.llc_mean - truth) / truth:+.3f})")
     assert result.diagnostics["num_diverged"] == 0
     assert result.llc_std / math.sqrt(chains) < 0.05 * truth
     assert result.llc_mean == pytest.approx(truth, rel=0.10)
@@ -48,16 +46,14 @@ def test_more_degenerate_point_has_smaller_lambda():
 
 @pytest.mark.slow
 def test_quick_validation_under_automatic_calibration(tmp_path):
-    """`slt-probe validate --quick`. The issue's bar is 10 % on every case. Each case now
-    aims at a 5 % standard error (auto-chosen chains), so a case is held to 10 % plus two
-    of its standard errors, and its standard error to the aim (the chains are set from an
-    8-chain estimate of the spread, so up to 2× the aim: 1.56× seen on 2-3-4-2); regular
-    d = 20 is precise enough to be held to 10 % outright. Also requires the report
-    files."""
+    """`slt-probe validate --quick`: the bar is 10 % on every case. Each case aims at a 5 %
+    standard error (auto-chosen chains), so a case is held to 10 % plus two of its
+    standard errors, and its standard error to the aim (the chains are set from a few
+    chains' spread, so up to 2× the aim); regular d = 20 is precise enough to be held to
+    10 % outright. Also requires the report files."""
     from slt_probe.ground_truth.validate import validate
 
     rows = validate(quick=True, out=tmp_path, command="pytest", verbose=False)
-    print({r["case"]: (r["relative_error"], r["llc_sem"] / r["true_lambda"]) for r in rows})
     assert len(rows) == 4
     for row in rows:
         relative_sem = row["llc_sem"] / row["true_lambda"]

@@ -20,7 +20,6 @@ def test_known_truth_regular_model_within_ten_percent(regular_problem):
                           num_draws=1500, num_burnin=300, batch_size=500, seed=0, verbose=False)
     assert float(p.true_lambda) == 5.0
     assert result.llc_mean == pytest.approx(5.0, rel=0.10)
-    assert result.effective_params == pytest.approx(2 * result.llc_mean)
     assert result.nbeta == pytest.approx(5000 / math.log(5000))
     assert result.diagnostics["healthy"]
 
@@ -195,14 +194,17 @@ def test_full_data_loss_agrees_with_minibatch_estimators(regular_problem):
     assert abs(full.llc_mean - cv.llc_mean) < 3 * (full.llc_sem + cv.llc_sem)
 
 
-@pytest.mark.parametrize("sampler", [slt_probe.RMSPropSGLD(lr=1e-3, localization=1.0),
-                                     slt_probe.SGNHT(lr=1e-5, localization=1.0)])
-def test_other_samplers_run_to_a_finite_positive_estimate(regular_problem, sampler):
+# RMSProp-SGLD drops the preconditioner's divergence term (as pSGLD does), which biases
+# it upwards at this step: measured +25 % ± 9 % here; SGNHT's thermostat has no such term.
+@pytest.mark.parametrize("sampler, tolerance", [
+    (slt_probe.RMSPropSGLD(lr=1e-3, localization=1.0), 0.35),
+    (slt_probe.SGNHT(lr=1e-5, localization=1.0), 0.10)])
+def test_other_samplers_estimate_the_regular_truth(regular_problem, sampler, tolerance):
     p = regular_problem
     result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler=sampler,
-                          num_chains=2, num_draws=300, num_burnin=100, batch_size=500,
+                          num_chains=8, num_draws=1000, num_burnin=500, batch_size=500,
                           verbose=False)
-    assert 1.0 < result.llc_mean < 15.0  # true λ is 5; these are not tuned here
+    assert result.llc_mean == pytest.approx(5.0, rel=tolerance)
 
 
 def test_mala_acceptance_falls_as_the_step_grows(regular_problem):

@@ -79,6 +79,5 @@ def test_sampler_follows_the_finite_n_expectation_where_it_departs_from_lambda()
                           sampler=SGLD(lr=5e-6, localization=nbeta), num_chains=8,
                           num_draws=4000, num_burnin=1000, batch_size=500, seed=0,
                           verbose=False)
-    print(expected, result.llc_mean, result.llc_sem)
     assert result.llc_sem < 0.02 * expected
     assert result.llc_mean == pytest.approx(expected, rel=0.04)
