@@ -46,16 +46,17 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
 
     The user's model, its gradients and the global RNG are left exactly as they were.
 
-    >>> import torch, slt_probe
-    >>> _ = torch.manual_seed(0)
-    >>> x = torch.randn(500, 3); y = x @ torch.ones(3, 1) + torch.randn(500, 1)
-    >>> net = torch.nn.Linear(3, 1, bias=False)
-    >>> _ = net.weight.data.copy_(torch.linalg.lstsq(x, y).solution.T)
-    >>> r = slt_probe.estimate_llc(net, (x, y), loss_fn="gaussian_nll", num_draws=300,
-    ...                            sampler=slt_probe.SGLD(lr=1e-3, localization=1.0),
-    ...                            verbose=False)
-    >>> 1.0 < r.llc_mean < 2.0   # a regular model with d = 3: λ = 3/2
-    True
+    Examples:
+        >>> import torch, slt_probe
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(500, 3); y = x @ torch.ones(3, 1) + torch.randn(500, 1)
+        >>> net = torch.nn.Linear(3, 1, bias=False)
+        >>> _ = net.weight.data.copy_(torch.linalg.lstsq(x, y).solution.T)
+        >>> r = slt_probe.estimate_llc(net, (x, y), loss_fn="gaussian_nll", num_draws=300,
+        ...                            sampler=slt_probe.SGLD(lr=1e-3, localization=1.0),
+        ...                            verbose=False)
+        >>> 1.0 < r.llc_mean < 2.0   # a regular model with d = 3: λ = 3/2
+        True
     """
     settings = resolve_settings(settings, overrides)
     loss = resolve_loss(loss_fn)

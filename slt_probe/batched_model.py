@@ -39,10 +39,11 @@ def select_output(out, output=None) -> Tensor:
     callable); by default a tensor is itself, a dict or Hugging Face ``ModelOutput`` gives
     its ``"logits"``, a tuple its first element.
 
-    >>> select_output((torch.ones(2), torch.zeros(2))).tolist()
-    [1.0, 1.0]
-    >>> select_output({"logits": torch.zeros(1), "loss": torch.ones(())}).tolist()
-    [0.0]
+    Examples:
+        >>> select_output((torch.ones(2), torch.zeros(2))).tolist()
+        [1.0, 1.0]
+        >>> select_output({"logits": torch.zeros(1), "loss": torch.ones(())}).tolist()
+        [0.0]
     """
     if callable(output):
         out = output(out)

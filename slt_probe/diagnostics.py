@@ -59,9 +59,10 @@ def rank_rhat(trace) -> float:
     """Rank-normalised split R-hat (max of bulk and tail) of a (chains, draws) array; NaN
     if it cannot be computed (fewer than 2 chains or 4 draws, non-finite values).
 
-    >>> rng = np.random.default_rng(0)
-    >>> round(rank_rhat(rng.normal(size=(4, 1000))), 2)
-    1.0
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> round(rank_rhat(rng.normal(size=(4, 1000))), 2)
+        1.0
     """
     trace = _valid(trace, 2)
     if trace is None:
@@ -144,8 +145,9 @@ def excess_ratio(mean_excess: float, init_loss: float, reference_loss: float | N
     """(r, None) with r = mean excess loss of the chains / (L_ref − L_n(w*)), or
     (None, why) where the ratio cannot say whether the chains stayed near w*.
 
-    >>> excess_ratio(0.5, 1.0, 3.0)
-    (0.25, None)
+    Examples:
+        >>> excess_ratio(0.5, 1.0, 3.0)
+        (0.25, None)
     """
     if reference_loss is None or not math.isfinite(reference_loss):
         return None, "no constant-predictor loss is known for this loss and target"

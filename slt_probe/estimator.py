@@ -23,8 +23,9 @@ def llc_from_losses(nbeta: float, losses, reference, correction=None) -> np.ndar
     """λ̂ terms nβ·(L(w_t) − L_ref − g·(w_t − w*)); ``reference`` is L_n(w*) or, per draw,
     L_b(w*); ``correction`` is g·(w_t − w*) (None: no gradient correction).
 
-    >>> llc_from_losses(10.0, [1.5, 2.0], [1.0, 1.0]).tolist()
-    [5.0, 10.0]
+    Examples:
+        >>> llc_from_losses(10.0, [1.5, 2.0], [1.0, 1.0]).tolist()
+        [5.0, 10.0]
     """
     terms = np.asarray(losses, dtype=float) - np.asarray(reference, dtype=float)
     if correction is not None:
@@ -45,7 +46,8 @@ class DrawRecord:
 
 
 class LLCAccumulator:
-    """torchmetrics-style ``update``/``compute`` over draws.
+    """torchmetrics-style ``update``/``compute`` over draws (``DrawRecord`` in,
+    ``LLCResult`` out; ``reset`` starts over). A custom driver feeds it its own draws.
 
     Args:
         num_chains, num_draws: the shape of the traces.
@@ -54,6 +56,16 @@ class LLCAccumulator:
         reference_loss: the best constant predictor's loss (for the excess ratio).
         max_excess_ratio: the locality limit of the verdict.
         corrected: whether draws carry the gradient correction g·(w_t − w*).
+
+    Raises:
+        RuntimeError: from ``compute``, when every chain diverged.
+
+    Examples:
+        >>> acc = LLCAccumulator(num_chains=1, num_draws=2, nbeta=4.0, init_loss=0.5)
+        >>> for loss in (0.75, 1.25):
+        ...     acc.update(DrawRecord(0, np.array([loss]), np.array([0.5]), np.array([True])))
+        >>> acc.compute(diverged=np.zeros(1, bool), diverged_at=[None], config={}).llc_mean
+        2.0
     """
 
     def __init__(self, num_chains: int, num_draws: int, nbeta: float, init_loss: float, *,
@@ -137,7 +149,18 @@ class LLCResult:
     """An LLC estimate with its traces, settings and health report.
 
     ``llc_std`` is the spread across chains (ddof=1); the standard error of
-    ``llc_mean`` is ``llc_std / sqrt(number of healthy chains)``.
+    ``llc_mean`` is ``llc_std / sqrt(number of healthy chains)``. ``diagnostics`` holds
+    the verdict (``healthy``, ``reasons``, ``warnings``), locality (``excess_ratio``,
+    ``mean_sampled_loss``, ``local``), R-hat and ESS; ``config`` every setting used.
+
+    Examples:
+        >>> acc = LLCAccumulator(num_chains=2, num_draws=1, nbeta=10.0, init_loss=1.0)
+        >>> acc.update(DrawRecord(0, np.array([1.2, 1.4]), np.array([1.0, 1.0]),
+        ...                       np.array([True, True])))
+        >>> result = acc.compute(diverged=np.zeros(2, bool), diverged_at=[None, None],
+        ...                      config={})
+        >>> round(result.llc_mean, 6), round(result.effective_params, 6)
+        (3.0, 6.0)
     """
 
     llc_mean: float

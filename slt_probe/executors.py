@@ -161,7 +161,18 @@ def _ray_error(err: Exception) -> str:
 
 def make_executor(name: str = "serial", *, address: str | None = None,
                   num_cpus: int | None = None):
-    """``"serial"`` or ``"ray"`` (a local Ray instance, or the cluster at ``address``)."""
+    """``"serial"`` or ``"ray"`` (a local Ray instance, or the cluster at ``address``).
+
+    Raises:
+        ValueError: an unknown name, or an address without Ray.
+        ImportError: Ray is not installed.
+
+    Examples:
+        >>> outcomes = make_executor("serial").map([Task(pow, dict(base=2, exp=10), "2^10")],
+        ...                                        verbose=False)
+        >>> outcomes[0].value
+        1024
+    """
     if name == "serial":
         if address is not None:
             raise ValueError("a Ray address needs executor='ray'")

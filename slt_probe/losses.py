@@ -139,8 +139,9 @@ def resolve_loss(loss_fn) -> Loss:
     """The ``Loss`` for ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"`` or a callable
     ``(output, target) -> loss`` (a batch mean, or per-example values).
 
-    >>> resolve_loss("mse").per_example(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
-    [1.0, 1.0]
+    Examples:
+        >>> resolve_loss("mse").per_example(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
+        [1.0, 1.0]
     """
     if isinstance(loss_fn, str):
         if loss_fn == "cross_entropy":
@@ -166,9 +167,10 @@ def constant_predictor_loss(loss: Loss, output: Tensor, y: Tensor) -> float | No
     targets' spread about their mean). ``output`` is the model's output on a few examples
     (its shape and dtype only). None where neither applies.
 
-    >>> y = torch.tensor([0, 0, 1, 1])
-    >>> round(constant_predictor_loss(resolve_loss("cross_entropy"), torch.zeros(4, 2), y), 4)
-    0.6931
+    Examples:
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> round(constant_predictor_loss(resolve_loss("cross_entropy"), torch.zeros(4, 2), y), 4)
+        0.6931
     """
     with torch.no_grad():
         if not y.dtype.is_floating_point and output.dim() == 2:

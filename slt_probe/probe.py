@@ -39,8 +39,9 @@ PENDING_DIR = "pending"
 def log_spaced_steps(last_step: int, num: int = 40, first_step: int = 1) -> list[int]:
     """About ``num`` distinct integer steps spaced evenly in log(step), from first to last.
 
-    >>> log_spaced_steps(1000, num=4)
-    [1, 10, 100, 1000]
+    Examples:
+        >>> log_spaced_steps(1000, num=4)
+        [1, 10, 100, 1000]
     """
     if last_step < first_step or first_step < 1 or num < 1:
         raise ValueError(f"need 1 <= first_step <= last_step and num >= 1; got "
@@ -85,17 +86,18 @@ class LLCProbe:
     are not blurred by fresh sampling noise (common random numbers). A calibration
     recorded in ``log_dir/manifest.json`` is reused when the probe resumes there.
 
-    >>> import torch, slt_probe
-    >>> net = torch.nn.Linear(2, 2)
-    >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
-    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    >>> probe = slt_probe.LLCProbe(net, (x, y), every=2, num_draws=5, num_chains=2,
-    ...                            verbose=False).attach(opt)
-    >>> for _ in range(4):
-    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(net(x), y).backward(); opt.step()
-    >>> probe.detach()
-    >>> [row["step"] for row in probe.history]
-    [0, 2, 4]
+    Examples:
+        >>> import torch, slt_probe
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> probe = slt_probe.LLCProbe(net, (x, y), every=2, num_draws=5, num_chains=2,
+        ...                            verbose=False).attach(opt)
+        >>> for _ in range(4):
+        ...     opt.zero_grad(); torch.nn.functional.cross_entropy(net(x), y).backward(); opt.step()
+        >>> probe.detach()
+        >>> [row["step"] for row in probe.history]
+        [0, 2, 4]
     """
 
     def __init__(self, model: nn.Module, data, settings: EstimateSettings | None = None, *,
@@ -384,6 +386,20 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
 
     Returns:
         The rows, one per checkpoint.
+
+    Raises:
+        ValueError, TypeError: no checkpoints, steps that do not match them, or a
+            checkpoint that is not a state_dict or a path.
+
+    Examples:
+        >>> import torch, slt_probe
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+        >>> states = [{k: v * s for k, v in net.state_dict().items()} for s in (0.5, 1.0)]
+        >>> rows = slt_probe.llc_trajectory(net, states, (x, y), steps=[10, 20],
+        ...                                 num_draws=5, num_chains=2, verbose=False)
+        >>> [r["step"] for r in rows], all("excess_ratio" in r for r in rows)
+        ([10, 20], True)
     """
     return estimate_trajectory(model, checkpoints, data, settings, steps=steps,
                                loss_fn=loss_fn, output=output, calibrate_on=calibrate_on,

@@ -20,8 +20,9 @@ from .run_log import CSV_NAME, read_rows
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     """Lines of a Markdown table (cells are written with ``str``).
 
-    >>> markdown_table(["a", "b"], [[1, 2]])
-    ['| a | b |', '|---|---|', '| 1 | 2 |']
+    Examples:
+        >>> markdown_table(["a", "b"], [[1, 2]])
+        ['| a | b |', '|---|---|', '| 1 | 2 |']
     """
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -31,8 +32,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]
 def mean_pm_std(value, std=None, fmt: str = ".3g") -> str:
     """``value ± std`` (just ``value`` when std is missing or zero; "—" for no value).
 
-    >>> mean_pm_std(1.2345, 0.01)
-    '1.23 ± 0.01'
+    Examples:
+        >>> mean_pm_std(1.2345, 0.01)
+        '1.23 ± 0.01'
     """
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -77,6 +79,11 @@ def plot_trajectory(csv_or_history, metrics=("train_loss", "test_acc"), *, path=
 
     Raises:
         ValueError: no rows, or no row holds an estimate.
+
+    Examples:
+        >>> rows = [{"step": s, "llc_mean": v, "llc_std": 0.1} for s, v in [(0, 1.0), (10, 2.0)]]
+        >>> plot_trajectory(rows, metrics=()).axes[0].get_ylabel()
+        'λ̂ (effective parameters / 2)'
     """
     rows = _rows(csv_or_history)
     if not rows:
@@ -123,6 +130,14 @@ def plot_trace(result, *, path=None, ax=None):
 
     Returns:
         The matplotlib ``Figure``.
+
+    Examples:
+        >>> import torch, slt_probe
+        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+        >>> r = slt_probe.estimate_llc(torch.nn.Linear(2, 2), (x, y), num_draws=5,
+        ...                            num_chains=2, verbose=False)
+        >>> len(plot_trace(r).axes)
+        2
     """
     fig = Figure(figsize=(8, 4.5)) if ax is None else ax.figure
     if ax is None:
@@ -143,7 +158,18 @@ def plot_trace(result, *, path=None, ax=None):
 
 def plot_calibration(calibration, path=None) -> Figure:
     """Left: the warm-up's λ̂ against Langevin time. Right: λ̂ of the ladder levels
-    against ε (the chosen one circled) with their MALA acceptance."""
+    against ε (the chosen one circled) with their MALA acceptance.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Examples:
+        >>> from slt_probe import SGLD, Calibration
+        >>> cal = Calibration(sampler=SGLD(lr=1e-4, localization=100.0), warmup_lr=2e-4,
+        ...                   num_warmup=0, num_burnin=0, table=[], reason="", nbeta=150.0)
+        >>> len(plot_calibration(cal).axes)
+        2
+    """
     fig = Figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2)
     warm = calibration.traces.get("warmup")

@@ -157,8 +157,9 @@ class WriterLock:
 def settings_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
     """``field: old → new`` for every field that differs (nested dicts by dotted name).
 
-    >>> settings_changes({"lr": 1e-4, "sampler": {"gamma": 1}}, {"lr": 1e-3, "sampler": {"gamma": 1}})
-    ['lr: 0.0001 → 0.001']
+    Examples:
+        >>> settings_changes({"lr": 1e-4, "sampler": {"gamma": 1}}, {"lr": 1e-3, "sampler": {"gamma": 1}})
+        ['lr: 0.0001 → 0.001']
     """
     changes = []
     for key in sorted(set(before) | set(after)):

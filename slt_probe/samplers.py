@@ -16,7 +16,12 @@ from torch import Tensor
 
 @dataclass
 class SamplerState:
-    """Positions ``w`` (chains × d) plus whatever auxiliary tensors a kernel carries."""
+    """Positions ``w`` (chains × d) plus whatever auxiliary tensors a kernel carries.
+
+    Examples:
+        >>> SamplerState(w=torch.zeros(4, 10)).w.shape
+        torch.Size([4, 10])
+    """
 
     w: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
@@ -40,7 +45,17 @@ def check_non_negative(name: str, value: float) -> None:
 class Sampler:
     """Shared settings: step size ε (``lr``), localisation γ, and optionally nβ.
 
-    ``nbeta=None`` means the driver uses n / log n for the data it is given.
+    ``nbeta=None`` means the driver uses n / log n for the data it is given. A custom
+    sampler subclasses this, sets ``name`` and implements ``step(state, grad, noise, *,
+    w_star, nbeta) -> SamplerState`` (a pure function of its inputs: the driver draws the
+    noise); ``log_acceptance`` and ``has_proposal_density`` give the MALA diagnostic.
+
+    Raises:
+        TypeError, ValueError: a setting of the wrong type or out of range.
+
+    Examples:
+        >>> SGLD(lr=1e-4, localization=100.0).to_dict()["type"]
+        'SGLD'
     """
 
     lr: float = 1e-4
@@ -84,7 +99,15 @@ class Sampler:
 
 @dataclass(frozen=True)
 class SGLD(Sampler):
-    """Lau et al. (2023) SGLD: w ← w − ε/2·(nβ∇L_m(w) + γ(w − w*)) + N(0, ε)."""
+    """Lau et al. (2023) SGLD: w ← w − ε/2·(nβ∇L_m(w) + γ(w − w*)) + N(0, ε).
+
+    Examples:
+        >>> s = SGLD(lr=0.04, localization=0.0)
+        >>> w = torch.zeros(1, 2)
+        >>> s.step(s.init(w, torch.Generator(), None), torch.ones(1, 2), torch.ones(1, 2),
+        ...        w_star=w, nbeta=1.0).w
+        tensor([[0.1800, 0.1800]])
+    """
 
     name: ClassVar[str] = "sgld"
 
@@ -126,6 +149,10 @@ class RMSPropSGLD(Sampler):
     localisation pull does not shrink its own step; the preconditioner
     G = 1/(√V + eps) then scales the whole drift and the noise variance, which keeps
     exp(−nβL − γ/2‖w − w*‖²) stationary (up to the usual dropped ∇G term).
+
+    Examples:
+        >>> RMSPropSGLD(lr=1e-3, alpha=0.9).alpha
+        0.9
     """
 
     alpha: float = 0.99
@@ -153,7 +180,14 @@ class RMSPropSGLD(Sampler):
 @dataclass(frozen=True)
 class SGNHT(Sampler):
     """Stochastic-gradient Nosé–Hoover thermostat (Ding et al. 2014), devinterp's form,
-    with the localisation pull added to the force. One thermostat ξ per chain."""
+    with the localisation pull added to the force. One thermostat ξ per chain.
+
+    Examples:
+        >>> state = SGNHT(lr=1e-3).init(torch.zeros(3, 5), torch.Generator().manual_seed(0),
+        ...                             None)
+        >>> sorted(state.aux)
+        ['active', 'momentum', 'thermostat']
+    """
 
     diffusion_factor: float = 0.01
     localization: float = 0.0

@@ -33,8 +33,9 @@ CORRECTION_THRESHOLD = 0.1
 def default_nbeta(num_examples: int) -> float:
     """n / log n (β = 1/log n), the WBIC temperature.
 
-    >>> round(default_nbeta(1000), 2)
-    144.76
+    Examples:
+        >>> round(default_nbeta(1000), 2)
+        144.76
     """
     if num_examples < 2:
         raise ValueError("nbeta = n/log n needs at least 2 examples; pass sampler nbeta=...")
@@ -93,9 +94,10 @@ class EstimateSettings:
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range, named.
 
-    >>> s = EstimateSettings(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=8)
-    >>> s.with_overrides(num_draws=500).num_draws
-    500
+    Examples:
+        >>> s = EstimateSettings(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=8)
+        >>> s.with_overrides(num_draws=500).num_draws
+        500
     """
 
     sampler: Sampler | str = SGLD()
@@ -234,8 +236,9 @@ def linear_bias_bound(gradient_norm_sq: float, nbeta: float, localization: float
     In a flat direction the localised posterior of nβ·g·Δ + γ/2‖Δ‖² is centred at
     Δ = −nβg/γ, where nβ·g·Δ = −nβ²‖g‖²/γ; curvature only shrinks it.
 
-    >>> linear_bias_bound(1e-4, 100.0, 10.0)
-    0.1
+    Examples:
+        >>> linear_bias_bound(1e-4, 100.0, 10.0)
+        0.1
     """
     if localization == 0:
         return math.inf if gradient_norm_sq > 0 else 0.0

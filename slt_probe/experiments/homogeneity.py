@@ -221,9 +221,10 @@ def variance_parts(init_predictions: np.ndarray, data_predictions: np.ndarray) -
     the data part over the data-seed runs (fixed initialisation), both averaged over
     inputs and outputs; the total is the variance over all distinct runs.
 
-    >>> a = np.array([[[0.0]], [[2.0]]]); b = np.array([[[0.0]], [[4.0]]])
-    >>> variance_parts(a, b)
-    {'init_variance': 2.0, 'data_variance': 8.0, 'total_variance': 4.0}
+    Examples:
+        >>> a = np.array([[[0.0]], [[2.0]]]); b = np.array([[[0.0]], [[4.0]]])
+        >>> variance_parts(a, b)
+        {'init_variance': 2.0, 'data_variance': 8.0, 'total_variance': 4.0}
     """
     runs = np.concatenate([init_predictions, data_predictions[1:]])  # run 0 is shared
     return {"init_variance": float(init_predictions.var(axis=0, ddof=1).mean()),

@@ -17,9 +17,9 @@ class LLCCallback(_transformers.TrainerCallback):
     """Estimate λ̂ while a ``transformers.Trainer`` trains.
 
     Args:
-        data: the examples to estimate on: a dataset of dicts as the Trainer uses
-            (``input_ids``, ``attention_mask``, …, and the targets under ``label_key``),
-            a DataLoader over one, or a tuple ``(inputs, labels)``.
+        data: the examples to estimate on: a dataset (or a list) of dicts as the Trainer
+            uses (``input_ids``, ``attention_mask``, …, and the targets under
+            ``label_key``), a DataLoader over one, or a tuple ``(inputs, labels)``.
         label_key: the field holding the targets (default ``"labels"``).
         collate_fn: how to batch the dataset's examples (e.g. the Trainer's data collator;
             default: torch's ``default_collate``).
@@ -29,11 +29,22 @@ class LLCCallback(_transformers.TrainerCallback):
             language models, ignoring -100); ``output=`` names another field.
 
     Training with the callback is bit-identical to training without it.
+
+    Examples:
+        >>> import torch, slt_probe
+        >>> examples = [{"input_ids": torch.randint(0, 30, (8,)), "labels": torch.tensor(1)}
+        ...             for _ in range(64)]
+        >>> callback = LLCCallback(examples, every=50, num_draws=100,
+        ...                        sampler=slt_probe.SGLD(lr=1e-5, localization=100.0))
+        >>> callback.source.n
+        64
+        >>> # transformers.Trainer(model=..., args=..., train_dataset=examples,
+        >>> #                      callbacks=[callback]).train()
     """
 
     def __init__(self, data, *, label_key: str = "labels", collate_fn=None,
                  prefix: str = "llc", **probe_kwargs):
-        if isinstance(data, (tuple, list)):
+        if isinstance(data, tuple):  # (inputs, labels); a list is a dataset of examples
             self.source = as_source(data)
         else:
             loader = data if isinstance(data, DataLoader) else DataLoader(

@@ -23,6 +23,16 @@ class LLCCallback(_pl.Callback):
 
     Training with the callback is bit-identical to training without it: parameters,
     gradients, modes and every RNG stream are restored around each estimate.
+
+    Raises:
+        ValueError: ``data=None`` and the fit has no datamodule.
+
+    Examples:
+        >>> import torch, slt_probe
+        >>> x, y = torch.randn(256, 4), torch.randint(0, 2, (256,))
+        >>> callback = LLCCallback((x, y), every=100, log_dir=None, num_draws=100,
+        ...                        sampler=slt_probe.SGLD(lr=1e-4, localization=100.0))
+        >>> # lightning.pytorch.Trainer(max_steps=1000, callbacks=[callback]).fit(module)
     """
 
     def __init__(self, data=None, *, prefix: str = "llc", **probe_kwargs):

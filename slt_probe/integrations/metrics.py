@@ -18,8 +18,9 @@ METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
 def row_metrics(row: dict, prefix: str = "llc") -> dict[str, float]:
     """``{f"{prefix}/{name}": value}`` for every numeric value of the row.
 
-    >>> row_metrics({"step": 3, "llc_mean": 1.5, "healthy": True, "rhat": None})
-    {'llc/mean': 1.5, 'llc/healthy': 1.0}
+    Examples:
+        >>> row_metrics({"step": 3, "llc_mean": 1.5, "healthy": True, "rhat": None})
+        {'llc/mean': 1.5, 'llc/healthy': 1.0}
     """
     out = {}
     for column, name in METRICS.items():

@@ -18,6 +18,15 @@ class TensorBoardSink:
             in ``log_dir``).
         log_dir: where a writer the sink creates writes.
         prefix: the tag prefix.
+
+    Raises:
+        ValueError: neither a writer nor a log_dir.
+
+    Examples:
+        >>> import tempfile
+        >>> sink = TensorBoardSink(log_dir=tempfile.mkdtemp())
+        >>> sink(10, {"llc_mean": 3.2, "llc_std": 0.4, "healthy": True})
+        >>> sink.close()
     """
 
     def __init__(self, writer=None, *, log_dir=None, prefix: str = "llc"):

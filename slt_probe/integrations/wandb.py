@@ -21,6 +21,16 @@ class WandbSink:
     Args:
         run: a W&B run (default: the active ``wandb.run``).
         prefix: the metric prefix.
+
+    Raises:
+        RuntimeError: no active run.
+
+    Examples:
+        >>> import os, tempfile, wandb
+        >>> os.environ["WANDB_MODE"] = "offline"; os.environ["WANDB_SILENT"] = "true"
+        >>> run = wandb.init(project="doc", dir=tempfile.mkdtemp())
+        >>> WandbSink(run)(10, {"llc_mean": 3.2, "healthy": True})
+        >>> run.finish()
     """
 
     def __init__(self, run=None, *, prefix: str = "llc"):
