@@ -1,0 +1,106 @@
+"""λ̂ against the localisation γ on a trained checkpoint: where the chains stay near w*.
+
+    python benchmarks/locality.py --setup modadd-mlp --checkpoint PATH [--mnist-dir DIR]
+        [--gammas 1,3,10,...] [--out results/benchmarks]
+
+For the checkpoint: ``slt_probe.calibrate`` (its choice and its cost beside the estimate
+it then makes), then at every γ an estimate at the calibrated step ε from w*, warmed up
+at 2ε for Langevin time 2/γ (the localisation's time scale, so each γ relaxes), with its
+mean sampled loss, excess ratio r and health. One thread. Appends a Markdown block to
+``OUT/locality.md`` and the rows to ``OUT/locality.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import slt_probe
+from slt_probe.experiments.grokking import default_activation
+from slt_probe.experiments.presets import build_model, build_task, preset
+from slt_probe.reports import markdown_table
+from slt_probe.run_log import read_rows, write_csv_atomic
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (its data split)")
+    parser.add_argument("--gammas", default="1,3,10,30,100,300,1000,3000,10000")
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--mnist-dir", default=None)
+    parser.add_argument("--out", default="results/benchmarks")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    config = preset(args.setup)
+    task = build_task(config, args.seed, args.mnist_dir)
+    model = build_model(config, default_activation(config), args.seed)
+    model.load_state_dict(torch.load(args.checkpoint))
+    data = (task.x_train, task.targets(task.y_train, config.loss))
+    settings = slt_probe.EstimateSettings(num_draws=args.draws, batch_size=128)
+    started = time.perf_counter()
+    cal = slt_probe.calibrate(model, data, settings, loss_fn=config.loss, verbose=False)
+    calibration_seconds = time.perf_counter() - started
+    chosen = slt_probe.estimate_llc(model, data, cal.apply(settings), loss_fn=config.loss,
+                                    verbose=False)
+    lr = cal.sampler.lr
+    rows = []
+    for gamma in [float(g) for g in args.gammas.split(",")]:
+        step = min(lr, 0.5 / gamma)
+        warmup = math.ceil(2.0 / gamma / (2 * step))
+        result = slt_probe.estimate_llc(
+            model, data, settings, loss_fn=config.loss, verbose=False,
+            sampler=slt_probe.SGLD(lr=step, localization=gamma), warmup_lr=2 * step,
+            num_warmup=warmup, num_burnin=max(100, cal.num_burnin),
+            num_chains=max(4, chosen.config["num_chains"]))
+        d = result.diagnostics
+        rows.append({"setup": args.setup, "checkpoint": args.checkpoint, "gamma": gamma,
+                     "lr": step, "num_warmup": warmup, "llc_mean": result.llc_mean,
+                     "llc_sem": result.llc_sem, "init_loss": result.init_loss,
+                     "mean_sampled_loss": d["mean_sampled_loss"],
+                     "constant_predictor_loss": d["constant_predictor_loss"],
+                     "excess_ratio": d["excess_ratio"], "healthy": d["healthy"],
+                     "reasons": ";".join(d["reasons"]), "rhat": d["rhat"],
+                     "seconds": result.config["seconds"]})
+        print(rows[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_rows(out / "locality.csv") if (out / "locality.csv").exists() else []
+    previous = [r for r in previous if r["checkpoint"] != args.checkpoint]
+    write_csv_atomic(out / "locality.csv", previous + rows)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = [f"### {args.setup}: `{args.checkpoint}`", "",
+             f"`python benchmarks/locality.py --setup {args.setup} --checkpoint "
+             f"{args.checkpoint}{' --mnist-dir DIR' if args.mnist_dir else ''}` (1 thread). "
+             f"n = {len(task.x_train)}, nβ = {chosen.nbeta:.4g}, d = {chosen.config['num_params']:,}, "
+             f"L_n(w*) = {chosen.init_loss:.4g}, constant predictor "
+             f"{chosen.diagnostics['constant_predictor_loss']:.4g}.", "",
+             f"Calibration: γ = {cal.sampler.localization:g}, ε = {lr:.3g}, {cal.steps:,} steps "
+             f"in {calibration_seconds:.1f} s; the estimate it then makes: λ̂ = "
+             f"{chosen.llc_mean:.4g} ± {chosen.llc_sem:.2g}, r = "
+             f"{chosen.diagnostics['excess_ratio']:.3g}, healthy {chosen.diagnostics['healthy']}, "
+             f"{chosen.config['num_chains']} chains × {chosen.config['num_draws']} draws "
+             f"(+{chosen.config['num_warmup']:,} warm-up, {chosen.config['num_burnin']} burn-in) "
+             f"in {chosen.config['seconds']:.1f} s: calibration / estimate = "
+             f"{calibration_seconds / chosen.config['seconds']:.1f}×. Peak RSS "
+             f"{peak_rss:.0f} MB.", ""]
+    lines += markdown_table(
+        ["γ", "ε", "λ̂ ± s.e.", "mean sampled loss", "r", "healthy", "R-hat", "s"],
+        [[f"{r['gamma']:g}", f"{r['lr']:.2g}", f"{r['llc_mean']:.4g} ± {r['llc_sem']:.2g}",
+          f"{r['mean_sampled_loss']:.4g}",
+          "n/a" if r["excess_ratio"] is None else f"{r['excess_ratio']:.3g}",
+          "yes" if r["healthy"] else f"no ({r['reasons']})", f"{r['rhat']:.3g}",
+          f"{r['seconds']:.0f}"] for r in rows])
+    with open(out / "locality.md", "a") as fh:
+        fh.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
