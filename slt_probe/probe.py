@@ -10,6 +10,7 @@ files (``run_log``), plotting (``reports``).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import estimate_llc
 from .batched_model import BatchedModel
 from .calibration import Calibration, calibrate
 from .data import as_source
 from .engine import run_estimate
+from .executors import Task, make_executor
 from .losses import resolve_loss
 from .run_log import (LLC_COLUMNS, TrajectoryLog, preserved_state, row_from_result,
                       versions)
@@ -192,7 +195,11 @@ class LLCProbe:
                                   verbose=self.verbose, desc=f"LLC step {step}")
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
-        row = self._log.update(step, row_from_result(result, seconds))
+        return self.record(step, row_from_result(result, seconds))
+
+    def record(self, step: int, values: dict) -> dict:
+        """Write an estimate made elsewhere (``row_from_result``) as ``step``'s row."""
+        row = self._log.update(step, values)
         if self.on_estimate is not None:
             self.on_estimate(step, dict(row))
         return row
@@ -329,7 +336,8 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
                         steps: Iterable[int] | None = None, loss_fn="cross_entropy",
                         output=None, calibrate_on: int = -1,
                         log_dir: str | Path | None = None, verbose: bool = True,
-                        load: Callable = torch.load, **overrides) -> Trajectory:
+                        load: Callable = torch.load, executor=None,
+                        **overrides) -> Trajectory:
     """``llc_trajectory`` with the settings and calibration it used."""
     checkpoints = list(checkpoints)
     if not checkpoints:
@@ -354,12 +362,21 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
                 probe.use_calibration(calibrate(model, probe.source, probe.settings,
                                                 loss_fn=loss_fn, output=output,
                                                 verbose=verbose, batched=probe.batched))
-        for step, checkpoint in tqdm(list(zip(steps, checkpoints)), desc="checkpoints",
-                                     disable=not verbose):
-            if probe._log.has_llc(step):
-                continue
-            load_checkpoint(checkpoint, step)
-            probe.estimate(step)
+        todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
+                if not probe._log.has_llc(step)]
+        if executor is None:
+            for step, checkpoint in tqdm(todo, desc="checkpoints", disable=not verbose):
+                load_checkpoint(checkpoint, step)
+                probe.estimate(step)
+        else:
+            runner = make_executor(executor) if isinstance(executor, str) else executor
+            tasks = [Task(checkpoint_row, dict(model=model, checkpoint=checkpoint, data=data,
+                                               settings=probe.settings, loss_fn=loss_fn,
+                                               output=output, load=load, step=step),
+                          label=f"checkpoint of step {step}")
+                     for step, checkpoint in todo]
+            runner.map(tasks, desc="checkpoints", verbose=verbose,
+                       on_result=lambda outcome: probe.record(*outcome.value))
     finally:
         model.load_state_dict(original)
         probe.detach()
@@ -367,11 +384,26 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
                       calibration=probe.calibration)
 
 
+def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSettings, *,
+                   loss_fn, output, load: Callable, step: int) -> tuple[int, dict]:
+    """One checkpoint's ``llc.csv`` row, as a task of a sweep executor: the estimate runs
+    on a copy of ``model`` holding the checkpoint; the driver writes the row."""
+    state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
+    local = copy.deepcopy(model)
+    local.load_state_dict(state)
+    started = time.perf_counter()
+    result = estimate_llc(local, data, settings, loss_fn=loss_fn, output=output, verbose=False)
+    return step, row_from_result(result, time.perf_counter() - started)
+
+
 def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
                    settings: EstimateSettings | None = None, *,
                    steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
                    calibrate_on: int = -1, log_dir: str | Path | None = None,
-                   verbose: bool = True, load: Callable = torch.load, **overrides) -> list[dict]:
+                   verbose: bool = True, load: Callable = torch.load, executor=None,
+                   **overrides) -> list[dict]:
     """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
 
     Args:
@@ -383,9 +415,15 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
             calibration runs on (default: the last, the most trained).
         log_dir: rows go to ``log_dir/llc.csv``; steps already there are skipped.
         verbose: a progress bar over checkpoints.
+        executor: ``None`` estimates the checkpoints here, one after another;
+            ``"serial"``, ``"ray"`` or an executor from ``slt_probe.executors`` runs each
+            checkpoint as an independent task (one thread each; on Ray, paths must be
+            readable by the workers). The calibration runs first, here; rows are
+            written by this process only. The same seed gives the same rows on every
+            executor.
 
     Returns:
-        The rows, one per checkpoint.
+        The rows, one per checkpoint, by step.
 
     Raises:
         ValueError, TypeError: no checkpoints, steps that do not match them, or a
@@ -404,4 +442,4 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
     return estimate_trajectory(model, checkpoints, data, settings, steps=steps,
                                loss_fn=loss_fn, output=output, calibrate_on=calibrate_on,
                                log_dir=log_dir, verbose=verbose, load=load,
-                               **overrides).rows
+                               executor=executor, **overrides).rows

@@ -103,3 +103,39 @@ def test_executor_names_are_checked():
         make_executor("dask")
     with pytest.raises(ValueError, match="needs executor='ray'"):
         make_executor("serial", address="auto")
+
+
+def test_a_trajectory_over_checkpoints_on_ray_gives_the_in_process_rows_and_resumes(
+        ray_executor, tmp_path):
+    import torch
+
+    import slt_probe
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    states = []
+    for _ in range(3):
+        for _ in range(20):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+    kwargs = dict(sampler=slt_probe.SGLD(lr=1e-4, localization=100.0), num_chains=2,
+                  num_draws=30, verbose=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tasks' thread count, so the in-process rows match
+    try:
+        here = slt_probe.llc_trajectory(net, states, (x, y), steps=[20, 40, 60], **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    first = slt_probe.llc_trajectory(net, states[:2], (x, y), steps=[20, 40],
+                                     log_dir=tmp_path, executor=ray_executor, **kwargs)
+    resumed = slt_probe.llc_trajectory(net, states, (x, y), steps=[20, 40, 60],
+                                       log_dir=tmp_path, executor=ray_executor, **kwargs)
+    assert [r["llc_mean"] for r in resumed] == [r["llc_mean"] for r in here]
+    # the finished steps were not estimated again: their rows (with their timings) stayed
+    assert [r["seconds"] for r in resumed[:2]] == [r["seconds"] for r in first]
+    assert [r["step"] for r in read_rows(tmp_path / "llc.csv")] == [20, 40, 60]
