@@ -341,7 +341,8 @@ def plot_homogeneity(rows: list[dict], marks: dict, path=None, title: str = "") 
               ("λ̂ / d", [("llc_per_param", "λ̂ / parameters")])]
     for ax, (label, series) in zip(axes, panels):
         for key, name in series:
-            ax.plot(widths, [r[key] for r in rows], "o-", label=name)
+            ax.plot(widths, [np.nan if r[key] is None else r[key] for r in rows], "o-",
+                    label=name)
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
         if marks.get("interpolation_width"):

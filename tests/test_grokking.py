@@ -90,6 +90,16 @@ def test_summary_reads_peak_fall_and_grokking_step():
         summarize([{"step": 0, "llc_mean": None}])
 
 
+def test_an_estimate_whose_chains_left_w_star_is_never_the_peak():
+    rows = [{"step": s, "llc_mean": v, "llc_std": 0.1, "local": local, "test_acc": a}
+            for s, v, local, a in [(0, 1.0, None, 0.0), (10, 600.0, False, 0.1),
+                                   (20, 40.0, True, 0.6), (30, 20.0, True, 0.95)]]
+    summary = summarize(rows)
+    assert summary["llc_peak"] == 40.0 and summary["llc_peak_step"] == 20
+    assert summary["not_local_points"] == 1 and summary["llc_peak_local"] is True
+    assert summary["llc_falls_after_grok"] is False and summary["llc_at_grok"] == 20.0
+
+
 def test_presets_and_models_are_checked():
     with pytest.raises(ValueError, match="setup must be one of"):
         preset("cifar")

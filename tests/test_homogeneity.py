@@ -70,3 +70,40 @@ def test_sweep_settings_are_checked():
         hom.split(replace(_tiny(), num_train=5000), *hom.load_pool("modadd-mlp"), 0)
     with pytest.raises(SystemExit):
         main(["homogeneity", "--setup", "modadd-mlp", "--widths", "4,0"])
+
+
+def test_a_width_averages_only_the_estimates_whose_chains_stayed_local():
+    config = replace(_tiny(), init_seeds=3, data_seeds=2)
+    runs = [{"width": 4, "init_seed": i, "data_seed": j, "train_error": 0.0, "test_error": 0.2,
+             "converged": True, "steps": 10, "seconds": 1.0,
+             "prediction": np.full((5, 2), 0.1 * (i + j))}
+            for i, j in [(0, 0), (1, 0), (2, 0), (0, 1)]]
+    llc = {"calibration": None,
+           "rows": [{"llc_mean": 10.0, "local": True}, {"llc_mean": 600.0, "local": False},
+                    {"llc_mean": 14.0, "local": True}]}
+    row = hom.width_row(config, 4, runs, llc)
+    assert row["llc_mean"] == pytest.approx(12.0) and row["llc_local"] == 2
+    assert [e["local"] for e in row["estimates"]] == [True, False, True]
+    nowhere = hom.width_row(config, 4, runs, {"calibration": None,
+                                             "rows": [{"llc_mean": 600.0, "local": False}]})
+    assert nowhere["llc_mean"] is None and nowhere["llc_per_param"] is None
+
+
+def test_an_interrupted_sweep_keeps_its_finished_widths(tmp_path, monkeypatch):
+    config = _tiny()
+    train = hom.train_network
+
+    def fails_at_64(**kwargs):
+        if kwargs["width"] == 64:
+            raise RuntimeError("interrupted")
+        return train(**kwargs)
+
+    monkeypatch.setattr(hom, "train_network", fails_at_64)
+    with pytest.raises(Exception, match="interrupted"):
+        hom.run_homogeneity("modadd-mlp", config=config, out=tmp_path, verbose=False)
+    assert (tmp_path / "widths" / "w4.json").exists()
+    trained = []
+    monkeypatch.setattr(hom, "train_network",
+                        lambda **kwargs: trained.append(kwargs["width"]) or train(**kwargs))
+    rows = hom.run_homogeneity("modadd-mlp", config=config, out=tmp_path, verbose=False)
+    assert set(trained) == {64} and [r["width"] for r in rows] == [4, 64]

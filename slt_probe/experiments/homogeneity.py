@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..calibration import CalibrationGrid
 from ..data import MinibatchStream
@@ -49,6 +50,9 @@ from ..run_log import versions, write_csv_atomic, write_json_atomic, write_text_
 from ..settings import EstimateSettings
 
 SETUPS = ("mnist-mlp", "modadd-mlp")
+# what a width's record keeps of each network's estimate
+ESTIMATE_FIELDS = ("llc_mean", "llc_std", "excess_ratio", "local", "healthy", "reasons",
+                   "rhat", "seconds")
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,8 @@ def width_row(config: HomogeneityConfig, width: int, runs: list[dict], llc: dict
     data.sort(key=lambda r: r["data_seed"])
     estimates = [r for r in llc["rows"] if r.get("llc_mean") is not None]
     d = config.num_params(width)
-    values = np.array([r["llc_mean"] for r in estimates])
+    # an estimate whose chains left w* is counted, never averaged in
+    local = np.array([r["llc_mean"] for r in estimates if r.get("local") is not False])
     cal = llc["calibration"] or {}
     return {
         "width": width, "num_params": d,
@@ -260,17 +265,19 @@ def width_row(config: HomogeneityConfig, width: int, runs: list[dict], llc: dict
                          np.stack([r["prediction"] for r in data])),
         "init_disagreement": disagreement(np.stack([r["prediction"] for r in init])),
         "data_disagreement": disagreement(np.stack([r["prediction"] for r in data])),
-        "llc_mean": float(values.mean()), "llc_std": float(values.std(ddof=1)),
-        "llc_per_param": float(values.mean() / d),
+        "llc_mean": float(local.mean()) if len(local) else None,
+        "llc_std": float(local.std(ddof=1)) if len(local) > 1 else None,
+        "llc_per_param": float(local.mean() / d) if len(local) else None,
         "llc_healthy": sum(bool(r.get("healthy")) for r in estimates),
         "llc_local": sum(r.get("local") is not False for r in estimates),
         "max_excess_ratio": max((r["excess_ratio"] for r in estimates
                                  if r.get("excess_ratio") is not None), default=None),
         "lr": (cal.get("sampler") or {}).get("lr"),
         "localization": (cal.get("sampler") or {}).get("localization"),
-        "nbeta": estimates[0]["nbeta"] if estimates else None,
+        "nbeta": estimates[0].get("nbeta") if estimates else None,
         "train_seconds": float(sum(r["seconds"] for r in runs)),
         "llc_seconds": float(sum(r.get("seconds") or 0.0 for r in estimates)),
+        "estimates": [{k: r.get(k) for k in ESTIMATE_FIELDS} for r in estimates],
     }
 
 
@@ -296,29 +303,27 @@ def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfi
     done = {w: json.loads(p.read_text()) for w in config.widths
             if (p := out / "widths" / f"w{w}.json").exists()}
     todo = [w for w in config.widths if w not in done]
-    runs = [(w, i, 0) for w in todo for i in range(config.init_seeds)]
-    runs += [(w, 0, j) for w in todo for j in range(1, config.data_seeds)]
-    trained: dict[int, list[dict]] = {w: [] for w in todo}
-    tasks = [Task(train_network, dict(config=config, width=w, init_seed=i, data_seed=j,
-                                      mnist_dir=mnist_dir),
-                  label=f"width {w} init {i} data {j}") for w, i, j in runs]
-    for outcome in executor.map(tasks, desc="trainings", verbose=verbose):
-        trained[outcome.value["width"]].append(outcome.value)
-
-    def finish(outcome):
-        width = outcome.task.kwargs["width"]
-        row = width_row(config, width, trained[width], outcome.value)
-        write_json_atomic(out / "widths" / f"w{width}.json", row)
-        done[width] = row
-
-    llc_tasks = [Task(estimate_width, dict(
-        config=config, width=w, mnist_dir=mnist_dir,
-        states=[r["state"] for r in sorted(trained[w], key=lambda r: r["init_seed"])
-                if r["data_seed"] == 0]), label=f"λ̂ at width {w}") for w in todo]
-    executor.map(llc_tasks, desc="λ̂ per width", verbose=verbose, on_result=finish)
+    # one width at a time (its trainings in parallel on Ray), written as soon as it is done,
+    # so an interrupted sweep loses at most the width it was on
+    for width in tqdm(todo, desc="widths", disable=not verbose):
+        pairs = [(i, 0) for i in range(config.init_seeds)]
+        pairs += [(0, j) for j in range(1, config.data_seeds)]
+        tasks = [Task(train_network, dict(config=config, width=width, init_seed=i,
+                                          data_seed=j, mnist_dir=mnist_dir),
+                      label=f"width {width} init {i} data {j}") for i, j in pairs]
+        trained = [o.value for o in executor.map(tasks, desc=f"trainings at width {width}",
+                                                 verbose=False)]
+        states = [r["state"] for r in sorted(trained, key=lambda r: r["init_seed"])
+                  if r["data_seed"] == 0]
+        llc_task = Task(estimate_width, dict(config=config, width=width, states=states,
+                                             mnist_dir=mnist_dir), label=f"λ̂ at width {width}")
+        llc = executor.map([llc_task], desc=f"λ̂ at width {width}", verbose=False)[0].value
+        done[width] = width_row(config, width, trained, llc)
+        write_json_atomic(out / "widths" / f"w{width}.json", done[width])
     rows = [done[w] for w in config.widths]
     marks = thresholds(config, rows)
-    write_csv_atomic(out / "homogeneity.csv", rows)
+    write_csv_atomic(out / "homogeneity.csv",
+                     [{k: v for k, v in r.items() if k != "estimates"} for r in rows])
     write_json_atomic(out / "manifest.json", {"config": asdict(config), "quick": quick,
                                               "command": command, "thresholds": marks,
                                               "versions": versions()})
@@ -345,7 +350,8 @@ def summary_markdown(config: HomogeneityConfig, rows: list[dict], marks: dict,
               f"({marks['examples_times_outputs']:,}) near width "
               f"{marks['params_equal_examples_width']}. λ̂: `sampler=\"auto\"` calibrated on "
               "the seed-0 network of each width and held for its seeds (ε, γ in the table; "
-              "nβ = n/log n).", ""]
+              "nβ = n/log n); mean ± std over the networks whose chains stayed local "
+              "(`local`), an estimate that left w* is counted there, not averaged in.", ""]
     header = ["width", "d", "train err", "test err", "converged", "var init", "var data",
               "var total", "disagree init", "disagree data", "λ̂", "λ̂/d", "healthy",
               "local", "max r", "ε, γ"]
@@ -355,7 +361,7 @@ def summary_markdown(config: HomogeneityConfig, rows: list[dict], marks: dict,
          f"{r['init_variance']:.3g}", f"{r['data_variance']:.3g}",
          f"{r['total_variance']:.3g}", f"{r['init_disagreement']:.3f}",
          f"{r['data_disagreement']:.3f}", mean_pm_std(r["llc_mean"], r["llc_std"]),
-         f"{r['llc_per_param']:.2e}", f"{r['llc_healthy']}/{config.init_seeds}",
+         mean_pm_std(r["llc_per_param"], None, ".2e"), f"{r['llc_healthy']}/{config.init_seeds}",
          f"{r['llc_local']}/{config.init_seeds}",
          mean_pm_std(r["max_excess_ratio"], None, ".2f"),
          f"{r['lr']:.2g}, {r['localization']:g}" if r["lr"] else "—"] for r in rows])

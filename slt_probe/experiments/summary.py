@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..reports import markdown_table, mean_pm_std, plot_grokking
-from ..run_log import CSV_NAME, read_rows
+from ..run_log import CSV_NAME, read_rows, write_json_atomic
 
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "trajectory.png"
@@ -28,17 +28,24 @@ def _first_step(rows: list[dict], key: str, threshold: float) -> int | None:
 def summarize(rows: list[dict], *, wall_seconds: float | None = None,
               probe_seconds: float | None = None, grok_accuracy: float = 0.9) -> dict:
     """LLC at init, peak and end; when train/test accuracy cross 50 %/90 %/100 %; and
-    whether λ̂ falls after its peak, read from a run's rows."""
+    whether λ̂ falls after its peak, read from a run's rows.
+
+    The peak and the fall after grokking are read from the estimates whose chains were not
+    found to leave w* (``local`` true, or not assessable as at initialisation): an
+    estimate that is not local is counted (``not_local_points``), never taken as the peak.
+    """
     llc_rows = [r for r in rows if r.get("llc_mean") is not None]
     if not llc_rows:
         raise ValueError("no rows with an LLC estimate")
-    peak = max(llc_rows, key=lambda r: r["llc_mean"])
+    trusted = [r for r in llc_rows if r.get("local") is not False]
+    peak = max(trusted or llc_rows, key=lambda r: r["llc_mean"])
     final, init = llc_rows[-1], llc_rows[0]
     metric_rows = [r for r in rows if r.get("test_acc") is not None]
     grok = _first_step(metric_rows, "test_acc", grok_accuracy)
     summary = {
         "llc_init": init["llc_mean"], "llc_init_std": init["llc_std"],
         "llc_peak": peak["llc_mean"], "llc_peak_std": peak["llc_std"], "llc_peak_step": peak["step"],
+        "llc_peak_local": bool(trusted),
         "llc_final": final["llc_mean"], "llc_final_std": final["llc_std"],
         "final_step": final["step"],
         "llc_fall_fraction": ((peak["llc_mean"] - final["llc_mean"]) / abs(peak["llc_mean"])
@@ -47,8 +54,8 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
         "test_acc_50_step": _first_step(metric_rows, "test_acc", 0.5),
         "test_acc_90_step": _first_step(metric_rows, "test_acc", 0.9),
         "grok_accuracy": grok_accuracy, "grok_step": grok,
-        "final_train_acc": metric_rows[-1]["train_acc"] if metric_rows else None,
-        "final_test_acc": metric_rows[-1]["test_acc"] if metric_rows else None,
+        "final_train_acc": metric_rows[-1].get("train_acc") if metric_rows else None,
+        "final_test_acc": metric_rows[-1].get("test_acc") if metric_rows else None,
         "grokked": grok is not None,
         "num_llc_points": len(llc_rows),
         "unhealthy_points": sum(1 for r in llc_rows if r.get("healthy") is False),
@@ -62,8 +69,8 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
         "wall_seconds": wall_seconds, "probe_seconds": probe_seconds,
     }
     if grok is not None:
-        before = [r["llc_mean"] for r in llc_rows if r["step"] <= grok]
-        after = [r["llc_mean"] for r in llc_rows if r["step"] >= grok]
+        before = [r["llc_mean"] for r in trusted if r["step"] <= grok]
+        after = [r["llc_mean"] for r in trusted if r["step"] >= grok]
         summary["llc_at_grok"] = before[-1] if before else None
         summary["llc_falls_after_grok"] = bool(after and before and min(after) < before[-1])
         summary["peak_before_grok"] = peak["step"] <= grok
@@ -71,11 +78,20 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
 
 
 def load_run(folder: str | Path) -> tuple[dict, list[dict]] | None:
-    """A finished regime folder's summary and rows, or None if it is not finished."""
+    """A finished regime folder's summary (recomputed from its rows) and rows, or None if
+    it is not finished."""
     folder = Path(folder)
     if not (folder / SUMMARY_NAME).exists() or not (folder / CSV_NAME).exists():
         return None
-    return json.loads((folder / SUMMARY_NAME).read_text()), read_rows(folder / CSV_NAME)
+    summary = json.loads((folder / SUMMARY_NAME).read_text())
+    rows = read_rows(folder / CSV_NAME)
+    # what the rows show is recomputed, so a summary written by an earlier rule is refreshed
+    fresh = {**summary, **summarize(rows, wall_seconds=summary.get("wall_seconds"),
+                                    probe_seconds=summary.get("probe_seconds"),
+                                    grok_accuracy=summary.get("grok_accuracy", 0.9))}
+    if fresh != summary:
+        write_json_atomic(folder / SUMMARY_NAME, fresh)
+    return fresh, rows
 
 
 def aggregate(summaries: list[dict], keys=("llc_init", "llc_peak", "llc_final", "llc_peak_step",
@@ -98,7 +114,7 @@ def report(root: str | Path, replot: bool = False) -> str:
     and the fall sit relative to the test-accuracy jump, how many estimates were not
     local, and the time spent estimating. ``replot`` redraws each run's trajectory.png."""
     root = Path(root)
-    header = ["setup", "regime", "seeds", "grokked", "λ̂ init (r)", "λ̂ peak (step; r)",
+    header = ["setup", "regime", "seeds", "grokked", "λ̂ init (r)", "λ̂ peak of local points (step; r)",
               "λ̂ final (r)", "grokking step", "peak before grokking",
               "λ̂ falls after grokking", "fall from peak", "points not local",
               "estimating s/run"]
