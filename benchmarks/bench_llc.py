@@ -1,13 +1,24 @@
-"""Time slt_probe against devinterp on identical settings, in one process, one thread.
+"""Time slt_probe against devinterp at identical settings, each measurement in its own process.
 
-    python benchmarks/bench_llc.py [--mnist-dir DIR] [--repeats 5] [--out results/benchmarks]
+    python benchmarks/bench_llc.py [--mnist-dir DIR] [--checkpoints results/grokking]
+        [--models modadd-mlp,mnist-mlp,modadd-transformer,encoder-layer,gru]
+        [--chains 8,32] [--threads 1] [--device cpu] [--out results/benchmarks]
 
-Models: the p=53 modular-addition MLP of the devinterp grokking notebook (briefly
-trained) and a 784-256-256-10 ReLU MLP on real MNIST. Every timing is the fastest of three runs. Reports ms per chain·draw for
-devinterp, slt_probe (eager, and compiled with the compile time separate) and the eager
-floor (one forward+backward at the batch size plus drawing d Gaussians), then
-time-to-precision: the spread of λ̂ over repeated estimates at equal wall time. devinterp
-is called through its public API exactly as a user would (its own init-loss estimate).
+Models: the p = 53 modular-addition MLP (d = 4,428), a 784-256-256-10 ReLU MLP on 8,000
+real MNIST images (d = 269,322), the 1-layer modular-addition transformer (d = 226,688;
+the trained grokking checkpoint when ``--checkpoints`` holds one, else its
+initialisation), and two models built from torch's own layers: a classifier on
+``nn.TransformerEncoderLayer`` (computed with torch's math attention) and one on ``nn.GRU``
+(computed as a loop over chains). Every estimate uses SGLD at one ε, γ = 100,
+nβ = n/log n, batch 128.
+
+Each measurement runs in a fresh process (so its peak memory is its own) and reports ms per
+chain·draw (the fastest of two runs after a warm-up), the peak resident memory above the
+model and data, and λ̂. Rows: devinterp 1.3 through its public API as a user calls it;
+slt_probe eager (float32, and bf16 autocast), and compiled (steady state, the one-off
+compile time beside it); and the eager floor, one forward + backward of the plain model at
+the batch size plus drawing d Gaussians, per chain. Writes ``OUT/benchmark.json`` and
+``OUT/benchmark.md``.
 """
 from __future__ import annotations
 
@@ -16,236 +27,281 @@ import json
 import math
 import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 
-# A fresh inductor cache, so the reported compile time is a cold compile.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="slt_probe_bench_"))
-
-import numpy as np
 import torch
 import torch.nn.functional as F
+from devinterp.optim import SGLD as DevinterpSGLD
+from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import slt_probe
-from slt_probe import SGLD, estimate_llc
+from slt_probe.batched_model import BatchedModel
+from slt_probe.data import as_source
+from slt_probe.engine import run_estimate
+from slt_probe.experiments.grokking import default_activation
+from slt_probe.experiments.presets import build_model, build_task, preset
+from slt_probe.losses import resolve_loss
 from slt_probe.mnist import load_mnist
-from slt_probe.models import ModAddMLP, mlp, modadd_data
+from slt_probe.models import mlp
+from slt_probe.run_log import write_json_atomic, write_text_atomic
 
-CHAINS, DRAWS, BATCH = 8, 200, 128
+BATCH = 128
+MODELS = ("modadd-mlp", "mnist-mlp", "modadd-transformer", "encoder-layer", "gru")
+VARIANTS = ("devinterp", "slt_probe", "slt_probe bf16", "slt_probe compiled", "eager floor")
+# draws per measurement: enough for a stable time per chain·draw on each model
+DRAWS = {"modadd-mlp": 200, "mnist-mlp": 100, "modadd-transformer": 30,
+         "encoder-layer": 60, "gru": 60}
+LR = {"modadd-mlp": 1e-4, "mnist-mlp": 1e-5, "modadd-transformer": 1e-5,
+      "encoder-layer": 1e-5, "gru": 1e-5}
 
 
-def trained_modadd(steps: int = 1500):
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    x, y = modadd_data(53)
-    order = torch.randperm(len(x), generator=g)
-    train = order[: int(0.4 * len(x))]
-    model = ModAddMLP(53)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3, weight_decay=2e-4)
+class EncoderClassifier(nn.Module):
+    """Tokens → embedding → one ``nn.TransformerEncoderLayer`` → mean → classes."""
+
+    def __init__(self, vocab=64, d_model=128, heads=4, classes=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.embed(tokens)).mean(dim=1))
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, features=32, hidden=64, classes=8):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def _fit(model, x, y, steps, lr=1e-3):
+    """A few hundred Adam steps, so the weights sit near a minimum (λ̂ > 0)."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        idx = train[torch.randint(len(train), (BATCH,), generator=g)]
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model, x[train], y[train]
+        index = torch.randint(len(x), (BATCH,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return model
 
 
-def mnist_model(directory, steps: int = 600):
-    """The MLP after a few hundred Adam steps on 8,000 real MNIST images (near a minimum,
-    so λ̂ is positive; at initialisation chains slide downhill and λ̂ < 0)."""
+def build(name: str, mnist_dir=None, checkpoints=None):
+    """(model, x, y) for a benchmark model, built the same way in every process."""
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    x, y = load_mnist("test", directory)
-    x, y = x[:8000], y[:8000]
-    model = mlp([784, 256, 256, 10])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(steps):
-        idx = torch.randint(len(x), (BATCH,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model, x, y
+    generator = torch.Generator().manual_seed(0)
+    if name in ("modadd-mlp", "modadd-transformer"):
+        config = preset(name)
+        task = build_task(config, 0)
+        model = build_model(config, default_activation(config), 0)
+        path = Path(checkpoints or "") / name / "seed0" / "model.pt"
+        if checkpoints and path.exists():
+            model.load_state_dict(torch.load(path))
+        elif name == "modadd-mlp":
+            _fit(model, task.x_train, task.y_train, 1500, lr=5e-3)
+        return model, task.x_train, task.y_train
+    if name == "mnist-mlp":
+        x, y = load_mnist("test", mnist_dir)
+        x, y = x[:8000], y[:8000]
+        return _fit(mlp([784, 256, 256, 10]), x, y, 600), x, y
+    if name == "encoder-layer":
+        x = torch.randint(0, 64, (2048, 16), generator=generator)
+        y = x[:, :4].sum(dim=1) % 8
+        return _fit(EncoderClassifier(), x, y, 300), x, y
+    if name == "gru":
+        x = torch.randn(2048, 16, 32, generator=generator)
+        y = (x[:, :, 0].cumsum(dim=1)[:, -1] > 0).long() + 2 * (x[:, -1, 1] > 0).long()
+        return _fit(GRUClassifier(), x, y, 300), x, y
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def eager_floor_ms(model, x, y, repeats: int = 300) -> float:
-    d = sum(p.numel() for p in model.parameters())
-    idx = torch.arange(BATCH)
-    for _ in range(10):
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-    start = time.perf_counter()
-    for i in range(repeats):
-        idx = torch.randint(len(x), (BATCH,))
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        torch.randn(d)
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def best_of(fn, repeats: int = 3):
-    """Fastest of a few runs: timings on a shared 2-core machine vary by ±30 %."""
-    runs = [timed(fn) for _ in range(repeats)]
-    return runs[-1][0], min(t for _, t in runs)
-
-
-def devinterp_estimate(model, x, y, sampler, num_chains, num_draws, seed=0):
-    """devinterp's public API as a user calls it (its own init-loss estimate included)."""
-    import warnings
-
-    from devinterp.optim import SGLD as DevSGLD
-    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
-    from torch.utils.data import DataLoader, TensorDataset
-
+def _devinterp(model, x, y, sampler, chains, draws):
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = estimate_learning_coeff_with_summary(
             model, loader, evaluate=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-            sampling_method=DevSGLD,
+            sampling_method=DevinterpSGLD,
             optimizer_kwargs=dict(lr=sampler.lr, localization=sampler.localization,
                                   nbeta=sampler.nbeta),
-            num_chains=num_chains, num_draws=num_draws, seed=seed, verbose=False)
-    return out["llc/mean"]
+            num_chains=chains, num_draws=draws, num_burnin_steps=0, seed=0, verbose=False,
+            device=str(next(model.parameters()).device))
+    return float(out["llc/mean"])
 
 
-def bench_model(name, model, x, y, sampler, repeats):
-    row = {"model": name, "params": sum(p.numel() for p in model.parameters()),
-           "n": len(x), "chains": CHAINS, "draws": DRAWS, "batch": BATCH,
-           "lr": sampler.lr, "localization": sampler.localization, "nbeta": sampler.nbeta}
-    common = dict(loss_fn="cross_entropy", sampler=sampler, num_chains=CHAINS,
-                  num_draws=DRAWS, batch_size=BATCH, verbose=False)
-    per = CHAINS * DRAWS
-    estimate_llc(model, (x, y), **{**common, "num_draws": 20})  # warm-up
-    rng = torch.get_rng_state()
-    dev_llc, t_dev = best_of(lambda: devinterp_estimate(model, x, y, sampler, CHAINS, DRAWS))
-    torch.set_rng_state(rng)
-    plain, t_plain = best_of(lambda: estimate_llc(model, (x, y), estimator="plain", **common))
-    cv, t_cv = best_of(lambda: estimate_llc(model, (x, y), **common))
-    # Compiled: the first estimate pays the compile; a trajectory reuses the compiled step.
-    from slt_probe.settings import EstimateSettings
-    from slt_probe.engine import run_estimate
-    from slt_probe.losses import resolve_loss
-    from slt_probe.batched_model import BatchedModel
+def _floor(model, x, y, chains, draws):
+    d = sum(p.numel() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(chains * draws):
+        index = torch.randint(len(x), (BATCH,), generator=generator)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        torch.randn(d, generator=generator)
+    return None
 
-    stacked = BatchedModel(model, resolve_loss("cross_entropy"), compile=True)
-    settings = EstimateSettings(sampler=sampler, num_chains=CHAINS, num_draws=DRAWS,
-                                batch_size=BATCH)
-    w = stacked.flatten(model)
-    _, t_first = timed(lambda: run_estimate(stacked, w, x, y, settings, verbose=False))
-    _, t_steady = best_of(lambda: run_estimate(stacked, w, x, y, settings, verbose=False))
-    floor = min(eager_floor_ms(model, x, y) for _ in range(3))
-    row.update({
-        "devinterp_ms": t_dev / per * 1e3,
-        "slt_probe_plain_ms": t_plain / per * 1e3,
-        "slt_probe_cv_ms": t_cv / per * 1e3,
-        "slt_probe_compiled_ms": t_steady / per * 1e3,
-        "compile_seconds": max(t_first - t_steady, 0.0),
-        "compiled": stacked.compiled,
-        "eager_floor_ms": floor,
-        "llc_devinterp": dev_llc, "llc_slt_probe_plain": plain.llc_mean,
-        "llc_slt_probe_cv": cv.llc_mean,
-    })
-    row["speedup_vs_devinterp"] = row["devinterp_ms"] / row["slt_probe_cv_ms"]
-    row["compiled_speedup_vs_devinterp"] = row["devinterp_ms"] / row["slt_probe_compiled_ms"]
-    row["cv_over_floor"] = row["slt_probe_cv_ms"] / floor
-    if repeats:
-        row.update(time_to_precision(model, x, y, sampler, repeats, t_dev))
+
+def measure(name: str, variant: str, chains: int, *, mnist_dir=None, checkpoints=None,
+            threads: int = 1, device: str = "cpu") -> dict:
+    """One measurement (run in its own process by ``main``)."""
+    torch.set_num_threads(threads)
+    model, x, y = build(name, mnist_dir, checkpoints)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    d = sum(p.numel() for p in model.parameters())
+    draws = DRAWS[name]
+    sampler = slt_probe.SGLD(lr=LR[name], localization=100.0, nbeta=len(x) / math.log(len(x)))
+    settings = slt_probe.EstimateSettings(
+        sampler=sampler, num_chains=chains, num_draws=draws, num_burnin=0, batch_size=BATCH,
+        precision="bfloat16" if variant == "slt_probe bf16" else "float32",
+        compile=variant == "slt_probe compiled", gradient_correction=False)
+    batched = source = w_star = None
+    if variant.startswith("slt_probe"):
+        batched = BatchedModel.for_settings(model, resolve_loss("cross_entropy"), settings)
+        source = as_source((x, y))
+        w_star = batched.flatten(model)
+
+    def run():
+        if variant == "devinterp":
+            return _devinterp(model, x, y, sampler, chains, draws)
+        if variant == "eager floor":
+            return _floor(model, x, y, chains, draws)
+        return run_estimate(batched, w_star, source, settings, verbose=False).llc_mean
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    llc = run()  # warm-up (and the compile)
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        llc = run()
+        times.append(time.perf_counter() - started)
+    best = min(times)
+    row = {"model": name, "variant": variant, "chains": chains, "draws": draws, "params": d,
+           "n": len(x), "threads": threads, "device": device, "lr": sampler.lr,
+           "ms_per_chain_draw": best / (chains * draws) * 1e3, "llc": llc,
+           "compile_seconds": max(first - best, 0.0) if variant == "slt_probe compiled" else None,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_above_model_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                  - baseline) / 1024}
+    if batched is not None:
+        row["compute_path"] = batched.path
+        row["compiled"] = batched.compiled
+        row["path_ms_per_step"] = {p: t * 1e3 for p, t in batched.path_timings.items()}
+    if device.startswith("cuda"):
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return row
 
 
-def time_to_precision(model, x, y, sampler, repeats, t_dev):
-    """Std of λ̂ over repeated estimates: devinterp (8 chains × 200 draws, as a user runs
-    it) against slt_probe given the same seconds, spent on more chains of the same length
-    so both estimate the same quantity."""
-    common = dict(loss_fn="cross_entropy", sampler=sampler, num_draws=DRAWS,
-                  batch_size=BATCH, verbose=False)
-    chains = CHAINS
-    while True:  # the most chains whose estimate still fits in devinterp's time
-        _, t = timed(lambda: estimate_llc(model, (x, y), num_chains=chains * 2, **common))
-        if t > t_dev:
-            break
-        chains *= 2
-    rng = torch.get_rng_state()
-    dev = [devinterp_estimate(model, x, y, sampler, CHAINS, DRAWS, seed=s)
-           for s in range(repeats)]
-    torch.set_rng_state(rng)
-    ours, spent = [], 0.0
-    for s in range(repeats):
-        r, t = timed(lambda: estimate_llc(model, (x, y), seed=100 + s, num_chains=chains,
-                                          **common))
-        ours.append(r.llc_mean)
-        spent += t
-    return {"repeats": repeats, "devinterp_llc_over_repeats": dev,
-            "slt_probe_llc_over_repeats": ours,
-            "devinterp_seconds_per_estimate": t_dev,
-            "slt_probe_seconds_per_estimate": spent / repeats,
-            "slt_probe_chains_at_equal_time": chains,
-            "devinterp_llc_std": float(np.std(dev, ddof=1)),
-            "slt_probe_llc_std": float(np.std(ours, ddof=1)),
-            "precision_gain": float(np.std(dev, ddof=1) / np.std(ours, ddof=1))}
+def _in_subprocess(args, name, variant, chains) -> dict:
+    command = [sys.executable, __file__, "--measure", json.dumps(
+        {"name": name, "variant": variant, "chains": chains, "mnist_dir": args.mnist_dir,
+         "checkpoints": args.checkpoints, "threads": args.threads, "device": args.device})]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           # a fresh inductor cache per process, so the compile time is a cold compile
+           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="slt_probe_bench_")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"model": name, "variant": variant, "chains": chains,
+                "error": done.stderr.strip().splitlines()[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def markdown(rows):
-    lines = ["| model | d | devinterp ms | slt_probe plain ms | slt_probe CV ms | compiled ms "
-             "(compile s) | eager floor ms | speed-up vs devinterp | CV / floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params']} | {r['devinterp_ms']:.2f} | "
-                     f"{r['slt_probe_plain_ms']:.2f} | {r['slt_probe_cv_ms']:.2f} | "
-                     f"{r['slt_probe_compiled_ms']:.2f} ({r['compile_seconds']:.0f}) | "
-                     f"{r['eager_floor_ms']:.2f} | {r['speedup_vs_devinterp']:.1f}× | "
-                     f"{r['cv_over_floor']:.2f} |")
-    lines += ["", "Time to precision (std of λ̂ over repeated estimates, equal wall time):", "",
-              "| model | devinterp std (8 chains) | slt_probe std | gain | slt_probe chains × 200 "
-              "draws at equal time | s per estimate (devinterp / slt_probe) |",
-              "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "precision_gain" in r:
-            lines.append(f"| {r['model']} | {r['devinterp_llc_std']:.3f} | "
-                         f"{r['slt_probe_llc_std']:.3f} | {r['precision_gain']:.1f}× | "
-                         f"{r['slt_probe_chains_at_equal_time']} | "
-                         f"{r['devinterp_seconds_per_estimate']:.1f} / "
-                         f"{r['slt_probe_seconds_per_estimate']:.1f} |")
+def markdown(rows, meta) -> str:
+    def cell(model, variant, chains, key, fmt):
+        for r in rows:
+            if (r["model"], r["variant"], r["chains"]) == (model, variant, chains):
+                if "error" in r:
+                    return "failed"
+                value = r.get(key)
+                return "—" if value is None else format(value, fmt)
+        return "—"
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    chains = sorted({r["chains"] for r in rows})
+    lines = [f"Measured with `{meta['command']}` ({meta['device']}, torch {meta['torch']}, "
+             f"{meta['threads']} thread(s), {meta['cpu']}). ms per chain·draw, the fastest "
+             "of two runs after a warm-up; each measurement in its own process.", ""]
+    header = ["model", "d", "path", "chains", *VARIANTS, "speed-up vs devinterp",
+              "× floor", "compile s", "peak MB (slt_probe / devinterp)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in models:
+        params = next(r["params"] for r in rows if r["model"] == model and "params" in r)
+        path = next((r["compute_path"] for r in rows
+                     if r["model"] == model and r.get("compute_path")), "—")
+        for c in chains:
+            times = {v: next((r.get("ms_per_chain_draw") for r in rows if (r["model"],
+                     r["variant"], r["chains"]) == (model, v, c)), None) for v in VARIANTS}
+            ours, theirs, floor = times["slt_probe"], times["devinterp"], times["eager floor"]
+            lines.append("| " + " | ".join([
+                model, f"{params:,}", path, str(c),
+                *[cell(model, v, c, "ms_per_chain_draw", ".3g") for v in VARIANTS],
+                f"{theirs / ours:.2f}×" if ours and theirs else "—",
+                f"{ours / floor:.2f}" if ours and floor else "—",
+                cell(model, "slt_probe compiled", c, "compile_seconds", ".0f"),
+                f"{cell(model, 'slt_probe', c, 'peak_rss_mb', '.0f')} / "
+                f"{cell(model, 'devinterp', c, 'peak_rss_mb', '.0f')}"]) + " |")
+    lines += ["", "λ̂ of each measurement (one short run; the libraries' estimators differ "
+              "in how they read L_n(w*), so only their agreement in size is expected):", ""]
+    lines += ["| model | chains | " + " | ".join(VARIANTS[:4]) + " |", "|---|---|" + "---|" * 4]
+    for model in models:
+        for c in chains:
+            lines.append(f"| {model} | {c} | " + " | ".join(
+                cell(model, v, c, "llc", ".3g") for v in VARIANTS[:4]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--chains", default="8,32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--mnist-dir", default=None)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--checkpoints", default="results/grokking")
     parser.add_argument("--out", default="results/benchmarks")
-    parser.add_argument("--only", choices=["modadd", "mnist"], default=None)
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.measure is not None:
+        spec = json.loads(args.measure)
+        print(json.dumps(measure(spec.pop("name"), spec.pop("variant"), spec.pop("chains"),
+                                 **spec)))
+        return
     rows = []
-    if args.only in (None, "modadd"):
-        model, x, y = trained_modadd()
-        nbeta = len(x) / math.log(len(x))
-        rows.append(bench_model("modadd MLP p=53", model, x, y,
-                                SGLD(lr=1e-4, localization=100.0, nbeta=nbeta), args.repeats))
-        print(markdown(rows), flush=True)
-    if args.only in (None, "mnist"):
-        model, x, y = mnist_model(args.mnist_dir)
-        nbeta = len(x) / math.log(len(x))
-        rows.append(bench_model("MNIST MLP 784-256-256-10", model, x, y,
-                                SGLD(lr=1e-5, localization=100.0, nbeta=nbeta),
-                                args.repeats))
+    for name in args.models.split(","):
+        for chains in [int(c) for c in args.chains.split(",")]:
+            for variant in args.variants.split(","):
+                rows.append(_in_subprocess(args, name, variant, chains))
+                print(json.dumps(rows[-1]), flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    meta = {"command": "python benchmarks/bench_llc.py " + " ".join(argv or sys.argv[1:]),
+            "torch": torch.__version__, "devinterp": version("devinterp"),
+            "slt_probe": slt_probe.__version__, "threads": args.threads,
+            "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                       else "CPU"), "cpu": cpu, "python": platform.python_version()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "slt_probe": slt_probe.__version__,
-            "python": platform.python_version(), "threads": 1,
-            "command": "python benchmarks/bench_llc.py " + " ".join(argv or [])}
-    (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(rows)
-    (out / "benchmark.md").write_text(f"Measured with `{meta['command'].strip()}` "
-                                      f"(torch {meta['torch']}, 1 thread).\n\n" + table)
+    write_json_atomic(out / "benchmark.json", {"meta": meta, "rows": rows})
+    table = markdown(rows, meta)
+    write_text_atomic(out / "benchmark.md", table)
     print(table)
 
 

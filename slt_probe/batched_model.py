@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -31,6 +32,8 @@ from .parameter_layout import ParameterLayout
 
 _EVAL_CHUNK = 4096
 COMPUTE_PATHS = ("vmap", "vmap, math attention", "loop over chains")
+# a fallback path replaces the earlier one only when it is this much faster per step
+FALLBACK_MARGIN = 0.8
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -139,6 +142,7 @@ class BatchedModel:
         self.path: str | None = None  # chosen (or checked) on the first batch
         self._candidates = COMPUTE_PATHS if path == "auto" else (path,)
         self.path_note = ""
+        self.path_timings: dict[str, float] = {}
         self.compiled = False
         self._compile = compile
         self._compiled_grads = None
@@ -184,10 +188,12 @@ class BatchedModel:
     def _context(self):
         stack = contextlib.ExitStack()
         if self.path != "vmap":
-            # torch's math path for attention: differentiable and batchable
+            # attention modules' fused inference kernels have no derivative
             previous = torch.backends.mha.get_fastpath_enabled()
             torch.backends.mha.set_fastpath_enabled(False)
             stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
+        if self.path == "vmap, math attention":
+            # torch's math attention: the fused attention kernels have no batching rule
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
@@ -255,8 +261,11 @@ class BatchedModel:
         return self._grads_vmap(w, x, y)
 
     def _choose_path(self, w: Tensor, x, y: Tensor) -> None:
-        """Try each path on this batch, fastest first; keep the first that works."""
-        errors = []
+        """Try each path on this batch in order. ``vmap`` is kept when it works; otherwise
+        every fallback that works is timed on these chains and the fastest is kept (the
+        batched math attention can be slower than a loop over chains with torch's fused
+        attention: it materialises every chain's attention weights at once)."""
+        errors, working = [], []
         for path in self._candidates:
             self.path = path
             try:
@@ -266,16 +275,43 @@ class BatchedModel:
             except (RuntimeError, NotImplementedError) as err:
                 errors.append(f"{path}: {str(err).splitlines()[0][:160]}")
                 continue
-            if errors:
-                self.path_note = "; ".join(errors)
-                warnings.warn(f"this model cannot run with {errors[0].split(':')[0]} "
-                              f"({self.path_note}); its chains run as '{path}' (same "
-                              "numbers, another speed)", RuntimeWarning, stacklevel=4)
-            if self._compile and path != "loop over chains":
-                self._try_compile()
-            return
-        self.path = None
-        raise RuntimeError(f"the model cannot be evaluated for sampling: {errors[0]}")
+            working.append(path)
+            if path == "vmap":
+                break
+        if not working:
+            self.path = None
+            raise RuntimeError(f"the model cannot be evaluated for sampling: {errors[0]}")
+        self.path = working[0]
+        if len(working) > 1:
+            self.path_timings = {p: self._time_path(p, w, x, y) for p in working}
+            fastest = min(working, key=self.path_timings.get)
+            # a clear margin, so the choice does not flip with a busy machine's noise
+            if self.path_timings[fastest] < FALLBACK_MARGIN * self.path_timings[self.path]:
+                self.path = fastest
+        if errors:
+            self.path_note = "; ".join(errors)
+            if self.path_timings:
+                self.path_note += "; timed per step: " + ", ".join(
+                    f"{p} {t * 1e3:.3g} ms" for p, t in self.path_timings.items())
+            warnings.warn(f"this model cannot run with {errors[0].split(':')[0]} "
+                          f"({self.path_note}); its chains run as '{self.path}' (same "
+                          "numbers, another speed)", RuntimeWarning, stacklevel=4)
+        if self._compile and self.path != "loop over chains":
+            self._try_compile()
+
+    def _time_path(self, path: str, w: Tensor, x, y: Tensor, repeats: int = 2) -> float:
+        """Seconds per gradient of all chains on ``path`` (the best of a few, after one
+        untimed call)."""
+        self.path = path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._grads(w, x, y)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self._grads(w, x, y)
+                times.append(time.perf_counter() - started)
+        return min(times)
 
     def loss_and_grad(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-chain minibatch losses (chains,) and flat gradients (chains, d) at ``w``.
@@ -283,9 +319,9 @@ class BatchedModel:
         ``x`` and ``y`` carry one minibatch per chain on their leading dimension; with
         ``chain_batch`` the chains are computed in groups of that size.
         """
-        if self.path is None:
-            self._choose_path(w, x, y)
         group = self.chain_batch or len(w)
+        if self.path is None:
+            self._choose_path(w[:group], take(x, slice(0, group)), y[:group])
         if group >= len(w):
             return self._grads(w, x, y)
         parts = [self._grads(w[a:a + group], take(x, slice(a, a + group)), y[a:a + group])

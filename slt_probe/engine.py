@@ -84,5 +84,6 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
     config["compiled"] = model.compiled
     config["compute_path"] = model.path
     config["compute_path_note"] = model.path_note
+    config["compute_path_seconds_per_step"] = dict(model.path_timings)
     config["seconds"] = time.perf_counter() - started
     return accumulator.compute(diverged=diverged, diverged_at=diverged_at, config=config)
