@@ -14,6 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from slt_probe import SGLD, estimate_llc
 from slt_probe.ground_truth import problems as km
 
@@ -41,7 +43,6 @@ def run_case(case, estimator, lr=None, seed=0):
 def control_variate_vs_plain(seeds=range(8)):
     """Partial epochs (n = 20,000, batch 128, 500 draws = 3.2 epochs), where minibatch noise
     does not average out over whole passes: spread of λ̂ over seeds for each estimator."""
-    import numpy as np
 
     problem = km.regular(20, 1, 20_000).settle()
     out = []

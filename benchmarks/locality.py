@@ -2,6 +2,7 @@
 
     python benchmarks/locality.py --setup modadd-mlp --checkpoint PATH [--mnist-dir DIR]
         [--gammas 1,3,10,...] [--out results/benchmarks]
+    python benchmarks/locality.py --setup mnist-cnn --mnist-dir DIR   # a small CNN, trained here
 
 For the checkpoint: ``slt_probe.calibrate`` (its choice and its cost beside the estimate
 it then makes), then at every γ an estimate at the calibrated step ε from w*, warmed up
@@ -19,18 +20,46 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import slt_probe
 from slt_probe.experiments.grokking import default_activation
 from slt_probe.experiments.presets import build_model, build_task, preset
+from slt_probe.mnist import load_mnist
 from slt_probe.reports import markdown_table
-from slt_probe.run_log import read_rows, write_csv_atomic
+from slt_probe.run_log import read_rows, write_csv_atomic, write_text_atomic
+
+
+CNN_STEPS = 500
+
+
+def small_cnn(mnist_dir, checkpoint=None):
+    """A 5,994-parameter CNN on 1,000 MNIST images, as a new user might build one: two
+    convolutions and a linear read-out, trained with Adam (or loaded)."""
+    torch.manual_seed(0)
+    x, y = load_mnist("test", mnist_dir)
+    x, y = x[:1000].reshape(-1, 1, 28, 28), y[:1000]
+    model = nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(256, 10))
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint))
+        return model, (x, y), "cross_entropy"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(CNN_STEPS):
+        index = torch.randint(len(x), (64,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return model, (x, y), "cross_entropy"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setup", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--setup", required=True, help="a grokking setup, or mnist-cnn")
+    parser.add_argument("--checkpoint", default=None,
+                        help="its weights (mnist-cnn: trained here when not given)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (its data split)")
     parser.add_argument("--gammas", default="1,3,10,30,100,300,1000,3000,10000")
     parser.add_argument("--draws", type=int, default=200)
@@ -39,16 +68,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    config = preset(args.setup)
-    task = build_task(config, args.seed, args.mnist_dir)
-    model = build_model(config, default_activation(config), args.seed)
-    model.load_state_dict(torch.load(args.checkpoint))
-    data = (task.x_train, task.targets(task.y_train, config.loss))
+    if args.setup == "mnist-cnn":
+        model, data, loss = small_cnn(args.mnist_dir, args.checkpoint)
+        args.checkpoint = args.checkpoint or f"trained here ({CNN_STEPS} Adam steps)"
+    elif args.checkpoint is None:
+        parser.error("--checkpoint is required for a grokking setup")
+    else:
+        config = preset(args.setup)
+        task = build_task(config, args.seed, args.mnist_dir)
+        model = build_model(config, default_activation(config), args.seed)
+        model.load_state_dict(torch.load(args.checkpoint))
+        data, loss = (task.x_train, task.targets(task.y_train, config.loss)), config.loss
     settings = slt_probe.EstimateSettings(num_draws=args.draws, batch_size=128)
     started = time.perf_counter()
-    cal = slt_probe.calibrate(model, data, settings, loss_fn=config.loss, verbose=False)
+    cal = slt_probe.calibrate(model, data, settings, loss_fn=loss, verbose=False)
     calibration_seconds = time.perf_counter() - started
-    chosen = slt_probe.estimate_llc(model, data, cal.apply(settings), loss_fn=config.loss,
+    chosen = slt_probe.estimate_llc(model, data, cal.apply(settings), loss_fn=loss,
                                     verbose=False)
     lr = cal.sampler.lr
     rows = []
@@ -56,7 +91,7 @@ def main(argv=None):
         step = min(lr, 0.5 / gamma)
         warmup = math.ceil(2.0 / gamma / (2 * step))
         result = slt_probe.estimate_llc(
-            model, data, settings, loss_fn=config.loss, verbose=False,
+            model, data, settings, loss_fn=loss, verbose=False,
             sampler=slt_probe.SGLD(lr=step, localization=gamma), warmup_lr=2 * step,
             num_warmup=warmup, num_burnin=max(100, cal.num_burnin),
             num_chains=max(4, chosen.config["num_chains"]))
@@ -79,7 +114,7 @@ def main(argv=None):
     lines = [f"### {args.setup}: `{args.checkpoint}`", "",
              f"`python benchmarks/locality.py --setup {args.setup} --checkpoint "
              f"{args.checkpoint}{' --mnist-dir DIR' if args.mnist_dir else ''}` (1 thread). "
-             f"n = {len(task.x_train)}, nβ = {chosen.nbeta:.4g}, d = {chosen.config['num_params']:,}, "
+             f"n = {len(data[0])}, nβ = {chosen.nbeta:.4g}, d = {chosen.config['num_params']:,}, "
              f"L_n(w*) = {chosen.init_loss:.4g}, constant predictor "
              f"{chosen.diagnostics['constant_predictor_loss']:.4g}.", "",
              f"Calibration: γ = {cal.sampler.localization:g}, ε = {lr:.3g}, {cal.steps:,} steps "
@@ -98,8 +133,13 @@ def main(argv=None):
           "n/a" if r["excess_ratio"] is None else f"{r['excess_ratio']:.3g}",
           "yes" if r["healthy"] else f"no ({r['reasons']})", f"{r['rhat']:.3g}",
           f"{r['seconds']:.0f}"] for r in rows])
-    with open(out / "locality.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n\n")
+    # one block per checkpoint: a rerun replaces its own block
+    blocks = ((out / "locality.md").read_text().split("\n### ")
+              if (out / "locality.md").exists() else [])
+    blocks = [b.removeprefix("### ") for b in blocks if b.strip()]
+    blocks = [b for b in blocks if not b.startswith(lines[0].removeprefix("### "))]
+    blocks.append("\n".join(lines).removeprefix("### "))
+    write_text_atomic(out / "locality.md", "\n".join("### " + b.strip() + "\n" for b in blocks))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,16 @@ def load_mnist(split: str = "test", directory: str | Path | None = None
                          f"{len(labels)} labels")
     return (torch.from_numpy(images.astype(np.float32) / 255.0),
             torch.from_numpy(labels.astype(np.int64)))
+
+
+def load_available_mnist(directory: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split if present (it is the one the bundled experiments are set up for),
+    else the train split; the error for neither names the test split's files, which
+    suffice."""
+    try:
+        return load_mnist("test", directory)
+    except FileNotFoundError as missing_test:
+        try:
+            return load_mnist("train", directory)
+        except FileNotFoundError:
+            raise missing_test from None

@@ -6,7 +6,6 @@ import torch
 
 from slt_probe.ground_truth import problems as known_models
 
-
 # The MNIST tests read the official files through SLT_PROBE_MNIST_DIR; when it is unset and
 # the shared data sits beside the checkout (as in CI), they read it from there.
 _SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -13,13 +13,14 @@ import pytest
 
 from slt_probe import SGLD, estimate_llc
 from slt_probe.ground_truth import problems as km
+from slt_probe.ground_truth.validate import validate
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", km.CASES.values(), ids=list(km.CASES))
 def test_estimate_within_ten_percent_of_true_lambda(case):
     problem = case.make().settle()
-    chains, name = case.num_chains, problem.name
+    chains = case.num_chains
     result = estimate_llc(problem.model, (problem.x, problem.y), loss_fn=problem.loss_fn,
                           sampler=SGLD(lr=case.lr, localization=case.localization),
                           num_chains=chains, num_draws=case.num_draws,
@@ -51,7 +52,6 @@ def test_quick_validation_under_automatic_calibration(tmp_path):
     standard errors, and its standard error to the aim (the chains are set from a few
     chains' spread, so up to 2× the aim); regular d = 20 is precise enough to be held to
     10 % outright. Also requires the report files."""
-    from slt_probe.ground_truth.validate import validate
 
     rows = validate(quick=True, out=tmp_path, command="pytest", verbose=False)
     assert len(rows) == 4

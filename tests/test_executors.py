@@ -4,8 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from test_grokking import _tiny_config
 
+import slt_probe
 from slt_probe.executors import SerialExecutor, SweepFailed, Task, make_executor
+from slt_probe.experiments import compare, sweeps
 from slt_probe.run_log import read_rows
 
 
@@ -70,9 +74,7 @@ def test_a_killed_ray_worker_is_retried(ray_executor, tmp_path):
 
 def test_a_comparison_on_ray_gives_the_serial_numbers_and_resumes(ray_executor, tmp_path,
                                                                   monkeypatch):
-    from slt_probe.experiments import compare, sweeps
 
-    from test_grokking import _tiny_config
 
     # the sweep machinery is the same for both regimes; the local regime's calibration
     # (its first run alone, then the rest) is covered serially in test_grokking
@@ -107,9 +109,7 @@ def test_executor_names_are_checked():
 
 def test_a_trajectory_over_checkpoints_on_ray_gives_the_in_process_rows_and_resumes(
         ray_executor, tmp_path):
-    import torch
 
-    import slt_probe
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))

@@ -4,6 +4,7 @@ import math
 import pytest
 from scipy import integrate
 
+from slt_probe import SGLD, estimate_llc
 from slt_probe.ground_truth import problems as km
 from slt_probe.settings import default_nbeta
 
@@ -69,7 +70,6 @@ def test_sampler_follows_the_finite_n_expectation_where_it_departs_from_lambda()
     """Strong localisation (γ = nβ) halves the regular model's E[λ̂]: SGLD must read the
     exact ≈ 5, not the asymptotic λ = 10. ε is small enough for the O(ε) step bias to be
     negligible here (measured: +11.7 % at ε = 2e-5, +4.6 % at 1e-5, +0.1 % at 5e-6)."""
-    from slt_probe import SGLD, estimate_llc
 
     problem = km.regular(20, 1, 20_000).settle()
     nbeta = default_nbeta(20_000)

@@ -1,6 +1,5 @@
 """The first-order-corrected estimator at points that are not minima, and the rule that
 switches it on."""
-import numpy as np
 import pytest
 import torch
 

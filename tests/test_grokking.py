@@ -3,17 +3,22 @@
 import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slt_probe.run_log import read_rows
 from slt_probe.cli import main
+from slt_probe.experiments import compare, sweeps, training
 from slt_probe.experiments.grokking import run_grokking
 from slt_probe.experiments.presets import LocalLLC, build_model, preset
+from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
 from slt_probe.experiments.summary import summarize
 from slt_probe.models import ModAddTransformer
+from slt_probe.run_log import read_rows, write_csv_atomic
 
 
 def _tiny_config():
@@ -59,13 +64,11 @@ def test_short_modadd_run_memorises_and_its_llc_grows_in_both_regimes(tmp_path):
 
 
 def test_a_finished_run_is_reused_and_a_lost_estimate_is_redone(tmp_path, monkeypatch):
-    from slt_probe.experiments import grokking, training
 
     first = run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
                          regimes=["notebook"], verbose=False)
     rows = read_rows(tmp_path / "notebook" / "llc.csv")
     kept = [r for r in rows if r["step"] != rows[-1]["step"]]  # as if killed before the last
-    from slt_probe.run_log import write_csv_atomic
     write_csv_atomic(tmp_path / "notebook" / "llc.csv", kept)
 
     def must_not_train(*args, **kwargs):
@@ -145,7 +148,6 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
 
 
 def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
-    from slt_probe.experiments import compare
 
     kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False)
     rows = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
@@ -172,7 +174,6 @@ def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
     def must_not_train(*args, **kw):
         raise AssertionError("a finished run was recomputed")
 
-    from slt_probe.experiments import sweeps
 
     monkeypatch.setattr(sweeps, "grokking_task", must_not_train)
     again = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
@@ -180,7 +181,6 @@ def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
 
 
 def test_redshift_measures_rank_linear_below_high_frequency_sine():
-    from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
 
     s, t = (v.reshape(64, 64).numpy() for v in grid_points(64))
     linear = 0.3 * s - 0.7 * t
@@ -193,9 +193,6 @@ def test_redshift_measures_rank_linear_below_high_frequency_sine():
 
 
 def test_example_built_from_parts_runs(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "examples" / "grokking_from_parts.py"),

@@ -2,6 +2,7 @@
 trainers, TensorBoard event files and W&B offline runs read back, the step under
 gradient accumulation and AMP's skipped steps, and training left bit-identical."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import slt_probe
 from slt_probe import SGLD
@@ -85,7 +87,6 @@ def test_tensorboard_sink_writes_the_probes_rows_at_their_steps(tmp_path):
 def _wandb_history(run_dir):
     """History records of an offline run, read from its .wandb file (a LevelDB-style log
     of protobuf records: 32 KiB blocks of 7-byte-headed, possibly split records)."""
-    import json
 
     from wandb.proto import wandb_internal_pb2
 
@@ -154,7 +155,6 @@ def test_bare_loop_probe_counts_the_steps_amps_grad_scaler_really_took(tmp_path)
 
 def _lightning_fit(tmp_path, callback=None, accumulate=1, steps=60):
     pl = pytest.importorskip("lightning.pytorch")
-    from torch.utils.data import DataLoader, TensorDataset
 
     class Classifier(pl.LightningModule):
         def __init__(self):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from slt_probe.experiments.tasks import mnist_task
 from slt_probe.mnist import ENV_VAR, load_mnist, read_idx
 
 
@@ -45,7 +46,6 @@ def test_missing_directory_setting_is_explained(monkeypatch):
 
 
 def test_a_folder_without_either_split_names_the_test_files_that_suffice(tmp_path):
-    from slt_probe.experiments.tasks import mnist_task
 
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte") as error:
         mnist_task(1000, seed=0, directory=tmp_path)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import slt_probe
-from slt_probe import LLCProbe, SGLD, llc_trajectory
+from slt_probe import SGLD, LLCProbe, llc_trajectory
 
 PROBE = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=2, num_draws=15,
              batch_size=32, verbose=False)

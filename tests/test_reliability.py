@@ -2,7 +2,6 @@
 command-line edges, a quick start that must not touch committed files, and inputs torch
 would reject with an unnamed error."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import slt_probe
-from slt_probe import LLCProbe, SGLD, estimate_llc
-from slt_probe.cli import main
+import slt_probe.cli as cli
+from slt_probe import SGLD, LLCProbe, estimate_llc
+from slt_probe.cli import _setup_folder, build_parser, main
+from slt_probe.experiments.compare import run_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=2, num_draws=10,
@@ -128,7 +128,6 @@ def test_every_bad_option_is_rejected_in_one_line_before_any_work(argv, message,
 
 
 def test_a_sweep_checks_every_activation_before_the_first_run(tmp_path):
-    from slt_probe.experiments.compare import run_comparison
 
     started = time.perf_counter()
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -143,7 +142,6 @@ def test_file_system_failures_end_in_one_line_and_status_two(tmp_path, capsys, m
                  "--quiet", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slt-probe: error:") and len(err.splitlines()) == 1
-    import slt_probe.cli as cli
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
@@ -159,7 +157,6 @@ def test_a_users_runs_go_to_an_untracked_folder(capsys):
     with pytest.raises(SystemExit):
         main(["grokking", "--help"])
     assert "runs/grokking/SETUP-quick" in " ".join(capsys.readouterr().out.split())
-    from slt_probe.cli import _setup_folder, build_parser
 
     args = build_parser().parse_args(["grokking", "--setup", "modadd-mlp", "--quick"])
     folder = _setup_folder(args, "grokking")

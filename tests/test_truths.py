@@ -2,7 +2,11 @@ from fractions import Fraction
 
 import pytest
 
-from slt_probe.ground_truth.formulas import deep_linear_lambda, monomial_lambda, rrr_lambda
+from slt_probe.ground_truth.formulas import (
+    deep_linear_lambda,
+    monomial_lambda,
+    rrr_lambda,
+)
 
 
 def test_documented_examples():

@@ -42,7 +42,7 @@ from ..calibration import CalibrationGrid
 from ..data import MinibatchStream
 from ..executors import SerialExecutor, Task
 from ..losses import resolve_loss
-from ..mnist import load_mnist
+from ..mnist import load_available_mnist
 from ..models import ModAddMLP, mlp, modadd_data
 from ..probe import estimate_trajectory
 from ..reports import markdown_table, mean_pm_std, plot_homogeneity
@@ -126,13 +126,7 @@ def preset(setup: str, quick: bool = False) -> HomogeneityConfig:
 def load_pool(setup: str, mnist_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All examples of the setup (read once per process: sweep tasks call it too)."""
     if setup == "mnist-mlp":
-        try:
-            images, labels = load_mnist("test", mnist_dir)
-        except FileNotFoundError as missing_test:
-            try:
-                images, labels = load_mnist("train", mnist_dir)
-            except FileNotFoundError:
-                raise missing_test from None
+        images, labels = load_available_mnist(mnist_dir)
         return images.reshape(len(images), -1), labels
     return modadd_data(53)
 

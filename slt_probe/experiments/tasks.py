@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..mnist import load_mnist
+from ..mnist import load_available_mnist
 from ..models import modadd_data
 
 
@@ -42,13 +42,7 @@ def modadd_task(p: int, train_fraction: float, seed: int) -> Task:
 def mnist_task(num_train: int, seed: int, directory=None) -> Task:
     """``num_train`` images for training, the rest held out, from the split that is present
     (the test split if both are: it is the one shipped in ../shared/data/mnist)."""
-    try:
-        images, labels = load_mnist("test", directory)
-    except FileNotFoundError as missing_test:
-        try:
-            images, labels = load_mnist("train", directory)
-        except FileNotFoundError:
-            raise missing_test from None  # it names the t10k files, which suffice
+    images, labels = load_available_mnist(directory)
     if not 0 < num_train < len(images):
         raise ValueError(f"num_train must be in (0, {len(images)}), got {num_train}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
