@@ -29,7 +29,6 @@ from slt_probe.mnist import load_mnist
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import read_rows, write_csv_atomic, write_text_atomic
 
-
 CNN_STEPS = 500
 
 

@@ -11,10 +11,16 @@ with that one sampler, so the trajectory compares like with like.
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 import slt_probe
-from slt_probe.experiments.presets import build_model, build_task, make_optimizer, preset
+from slt_probe.experiments.presets import (
+    build_model,
+    build_task,
+    make_optimizer,
+    preset,
+)
 from slt_probe.experiments.training import evaluate
 from slt_probe.losses import resolve_loss
 

@@ -65,15 +65,19 @@ def _names(allowed, what: str):
     return parse
 
 
-def _seed_list(text: str) -> list[int]:
+def _distinct_ints(text: str, what: str, minimum: int) -> list[int]:
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
-                                         "seeds") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds >= 0")
-    return seeds
+                                         f"{what}") from None
+    if not values or any(v < minimum for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct {what} >= {minimum}")
+    return values
+
+
+def _seed_list(text: str) -> list[int]:
+    return _distinct_ints(text, "seeds", 0)
 
 
 def _command() -> str:
@@ -181,14 +185,7 @@ def _compare(args) -> int:
 
 
 def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
-                                         "widths") from None
-    if not widths or any(w < 1 for w in widths) or len(set(widths)) != len(widths):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct widths >= 1")
-    return widths
+    return tuple(_distinct_ints(text, "widths", 1))
 
 
 def _homogeneity(args) -> int:

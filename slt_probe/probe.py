@@ -31,8 +31,13 @@ from .data import as_source
 from .engine import run_estimate
 from .executors import Task, make_executor
 from .losses import resolve_loss
-from .run_log import (LLC_COLUMNS, TrajectoryLog, preserved_state, row_from_result,
-                      versions)
+from .run_log import (
+    LLC_COLUMNS,
+    TrajectoryLog,
+    preserved_state,
+    row_from_result,
+    versions,
+)
 from .settings import EstimateSettings, resolve_settings
 
 logger = logging.getLogger("slt_probe")

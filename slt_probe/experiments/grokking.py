@@ -28,11 +28,19 @@ import torch
 from ..calibration import Calibration
 from ..probe import estimate_trajectory
 from ..reports import plot_grokking
-from ..run_log import (CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic)
+from ..run_log import CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic
 from .presets import REGIMES, GrokkingConfig, build_model, preset
 from .summary import PLOT_NAME, SUMMARY_NAME, summarize
-from .training import (CHECKPOINT_DIR, METRICS_NAME, MODEL_NAME, TRAINING_NAME, TrainedRun,
-                       checkpoint_path, train, training_identity)
+from .training import (
+    CHECKPOINT_DIR,
+    METRICS_NAME,
+    MODEL_NAME,
+    TRAINING_NAME,
+    TrainedRun,
+    checkpoint_path,
+    train,
+    training_identity,
+)
 
 RUN_NAME = "run.json"
 
