@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import slt_probe
+from slt_probe.calibration import CalibrationError
 from slt_probe.experiments.grokking import default_activation
 from slt_probe.experiments.presets import build_model, build_task, preset
 from slt_probe.mnist import load_mnist
@@ -30,6 +31,7 @@ from slt_probe.reports import markdown_table
 from slt_probe.run_log import read_rows, write_csv_atomic, write_text_atomic
 
 CNN_STEPS = 500
+DEFAULT_GAMMAS = "1,3,10,30,100,300,1000,3000,10000"
 
 
 def small_cnn(mnist_dir, checkpoint=None):
@@ -60,13 +62,16 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None,
                         help="its weights (mnist-cnn: trained here when not given)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (its data split)")
-    parser.add_argument("--gammas", default="1,3,10,30,100,300,1000,3000,10000")
+    parser.add_argument("--gammas", default=DEFAULT_GAMMAS)
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--mnist-dir", default=None)
+    parser.add_argument("--fallback-lr", type=float, default=1e-5,
+                        help="ε of the γ sweep when the calibration fails")
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    checkpoint_given = args.checkpoint is not None
     if args.setup == "mnist-cnn":
         model, data, loss = small_cnn(args.mnist_dir, args.checkpoint)
         args.checkpoint = args.checkpoint or f"trained here ({CNN_STEPS} Adam steps)"
@@ -80,20 +85,27 @@ def main(argv=None):
         data, loss = (task.x_train, task.targets(task.y_train, config.loss)), config.loss
     settings = slt_probe.EstimateSettings(num_draws=args.draws, batch_size=128)
     started = time.perf_counter()
-    cal = slt_probe.calibrate(model, data, settings, loss_fn=loss, verbose=False)
+    try:
+        cal = slt_probe.calibrate(model, data, settings, loss_fn=loss, verbose=False)
+        failure = None
+    except CalibrationError as err:
+        cal, failure = None, str(err)
     calibration_seconds = time.perf_counter() - started
-    chosen = slt_probe.estimate_llc(model, data, cal.apply(settings), loss_fn=loss,
-                                    verbose=False)
-    lr = cal.sampler.lr
-    rows = []
+    if cal is not None:
+        chosen = slt_probe.estimate_llc(model, data, cal.apply(settings), loss_fn=loss,
+                                        verbose=False)
+        lr, num_burnin, num_chains = cal.sampler.lr, cal.num_burnin, chosen.config["num_chains"]
+    else:
+        lr, num_burnin, num_chains = args.fallback_lr, 100, 4
+    rows, results = [], []
     for gamma in [float(g) for g in args.gammas.split(",")]:
         step = min(lr, 0.5 / gamma)
         warmup = math.ceil(2.0 / gamma / (2 * step))
         result = slt_probe.estimate_llc(
             model, data, settings, loss_fn=loss, verbose=False,
             sampler=slt_probe.SGLD(lr=step, localization=gamma), warmup_lr=2 * step,
-            num_warmup=warmup, num_burnin=max(100, cal.num_burnin),
-            num_chains=max(4, chosen.config["num_chains"]))
+            num_warmup=warmup, num_burnin=max(100, num_burnin), num_chains=max(4, num_chains))
+        results.append(result)
         d = result.diagnostics
         rows.append({"setup": args.setup, "checkpoint": args.checkpoint, "gamma": gamma,
                      "lr": step, "num_warmup": warmup, "llc_mean": result.llc_mean,
@@ -110,21 +122,34 @@ def main(argv=None):
     previous = [r for r in previous if r["checkpoint"] != args.checkpoint]
     write_csv_atomic(out / "locality.csv", previous + rows)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cal is not None:
+        calibration_text = (
+            f"Calibration: γ = {cal.sampler.localization:g}, ε = {lr:.3g}, {cal.steps:,} steps "
+            f"in {calibration_seconds:.1f} s; the estimate it then makes: λ̂ = "
+            f"{chosen.llc_mean:.4g} ± {chosen.llc_sem:.2g}, r = "
+            f"{chosen.diagnostics['excess_ratio']:.3g}, healthy {chosen.diagnostics['healthy']}, "
+            f"{chosen.config['num_chains']} chains × {chosen.config['num_draws']} draws "
+            f"(+{chosen.config['num_warmup']:,} warm-up, {chosen.config['num_burnin']} burn-in) "
+            f"in {chosen.config['seconds']:.1f} s: calibration / estimate = "
+            f"{calibration_seconds / chosen.config['seconds']:.1f}×.")
+        summary = (f"n = {len(data[0])}, nβ = {chosen.nbeta:.4g}, d = "
+                   f"{chosen.config['num_params']:,}, L_n(w*) = {chosen.init_loss:.4g}, constant "
+                   f"predictor {chosen.diagnostics['constant_predictor_loss']:.4g}.")
+    else:
+        calibration_text = (f"Calibration failed after {calibration_seconds:.1f} s: {failure}. "
+                            f"The sweep below runs at ε = {lr:.3g} (capped at 0.5/γ).")
+        first = results[0]
+        summary = (f"n = {len(data[0])}, nβ = {first.nbeta:.4g}, d = "
+                   f"{first.config['num_params']:,}, L_n(w*) = {first.init_loss:.4g}, constant "
+                   f"predictor {first.diagnostics['constant_predictor_loss']:.4g}.")
+    command = " ".join(
+        [f"--setup {args.setup}"]
+        + ([f"--checkpoint {args.checkpoint}"] if checkpoint_given else [])
+        + ([f"--gammas {args.gammas}"] if args.gammas != DEFAULT_GAMMAS else [])
+        + (["--mnist-dir DIR"] if args.mnist_dir else []))
     lines = [f"### {args.setup}: `{args.checkpoint}`", "",
-             f"`python benchmarks/locality.py --setup {args.setup} --checkpoint "
-             f"{args.checkpoint}{' --mnist-dir DIR' if args.mnist_dir else ''}` (1 thread). "
-             f"n = {len(data[0])}, nβ = {chosen.nbeta:.4g}, d = {chosen.config['num_params']:,}, "
-             f"L_n(w*) = {chosen.init_loss:.4g}, constant predictor "
-             f"{chosen.diagnostics['constant_predictor_loss']:.4g}.", "",
-             f"Calibration: γ = {cal.sampler.localization:g}, ε = {lr:.3g}, {cal.steps:,} steps "
-             f"in {calibration_seconds:.1f} s; the estimate it then makes: λ̂ = "
-             f"{chosen.llc_mean:.4g} ± {chosen.llc_sem:.2g}, r = "
-             f"{chosen.diagnostics['excess_ratio']:.3g}, healthy {chosen.diagnostics['healthy']}, "
-             f"{chosen.config['num_chains']} chains × {chosen.config['num_draws']} draws "
-             f"(+{chosen.config['num_warmup']:,} warm-up, {chosen.config['num_burnin']} burn-in) "
-             f"in {chosen.config['seconds']:.1f} s: calibration / estimate = "
-             f"{calibration_seconds / chosen.config['seconds']:.1f}×. Peak RSS "
-             f"{peak_rss:.0f} MB.", ""]
+             f"`python benchmarks/locality.py {command}` (1 thread). "
+             f"{summary}", "", f"{calibration_text} Peak RSS {peak_rss:.0f} MB.", ""]
     lines += markdown_table(
         ["γ", "ε", "λ̂ ± s.e.", "mean sampled loss", "r", "healthy", "R-hat", "s"],
         [[f"{r['gamma']:g}", f"{r['lr']:.2g}", f"{r['llc_mean']:.4g} ± {r['llc_sem']:.2g}",

@@ -234,6 +234,30 @@ def relative_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(diff.mean()) / level, float(diff.std(ddof=1) / math.sqrt(diff.size)) / level
 
 
+
+def gap_not_shrinking(gaps: list[tuple[float, float]], tolerance: float,
+                      shrink: float = 0.9) -> bool:
+    """Whether halving ε has stopped shrinking the λ̂ gap between 2ε and ε.
+
+    A step-size bias shrinks with ε (about in proportion for SGLD). When the last three
+    gaps (gap, s.e.), one per halving, are all significantly above ``tolerance`` and none
+    is below ``shrink`` × the one before, the change is not a bias that smaller steps
+    remove, and halving on would only double the cost of every level.
+
+    Examples:
+        >>> gap_not_shrinking([(-0.19, 0.04), (-0.18, 0.04), (-0.20, 0.05)], 0.05)
+        True
+        >>> gap_not_shrinking([(-0.36, 0.02), (-0.18, 0.02), (-0.09, 0.02)], 0.05)
+        False
+    """
+    if len(gaps) < 3:
+        return False
+    last = gaps[-3:]
+    significant = all(abs(gap) - 2 * sem > tolerance for gap, sem in last)
+    return significant and all(abs(later[0]) >= shrink * abs(earlier[0])
+                               for earlier, later in zip(last, last[1:]))
+
+
 @dataclass
 class Stage:
     """The outcome of one calibration stage: ``chains`` (or a ladder ``row``) on success,
@@ -466,7 +490,7 @@ class _Search:
         gamma = relaxed.sampler.localization
         start = relaxed.driver.positions.clone()
         lr = first_lr or relaxed.sampler.lr
-        larger = None
+        larger, gaps = None, []
         base = level_steps or grid.level_steps
         while lr >= min(grid.lrs) / 2:
             level_steps = first_steps = max(base, self.settle_steps(lr, gamma))
@@ -496,6 +520,14 @@ class _Search:
                 continue
             row = self.row(smaller, stage, gap_to_double_lr=gap, gap_sem=gap_sem,
                            resolved=resolved)
+            gaps.append((gap, gap_sem))
+            if stage == "ladder" and gap_not_shrinking(gaps, tolerance):
+                return Stage(False, "no_level", (
+                    "λ̂ changes by " + ", ".join(f"{g:+.0%}" for g, _ in gaps[-3:]) +
+                    f" over the last three halvings of ε (down to {lr:.3g}): the change "
+                    "does not shrink with the step, so smaller steps will not settle it "
+                    "(seen on models with kinks such as max-pooling); give a sampler by "
+                    "hand and compare its estimates at two step sizes"))
             if abs(gap) <= tolerance or (
                     not resolved and abs(gap) - 2 * gap_sem <= tolerance):
                 return Stage(True, row=row, chains=smaller)

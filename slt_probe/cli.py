@@ -188,6 +188,16 @@ def _widths(text: str) -> tuple[int, ...]:
     return tuple(_distinct_ints(text, "widths", 1))
 
 
+def _width_line(row: dict) -> str:
+    """One width of a homogeneity sweep; λ̂ is over the networks that stayed local."""
+    llc = ("no network stayed local" if row["llc_mean"] is None else
+           f"{row['llc_mean']:.3g}" + ("" if row["llc_std"] is None
+                                       else f" ± {row['llc_std']:.2g}"))
+    return (f"  width {row['width']:4d}: train err {row['train_error']:.3f}, test err "
+            f"{row['test_error']:.3f}, variance init {row['init_variance']:.3g} / data "
+            f"{row['data_variance']:.3g}, λ̂ {llc}")
+
+
 def _homogeneity(args) -> int:
     out = _setup_folder(args, "homogeneity")
     config = homogeneity_preset(args.setup, args.quick)
@@ -199,9 +209,7 @@ def _homogeneity(args) -> int:
                            mnist_dir=args.mnist_dir, executor=_executor(args),
                            command=_command(), verbose=not args.quiet)
     for row in rows:
-        print(f"  width {row['width']:4d}: train err {row['train_error']:.3f}, test err "
-              f"{row['test_error']:.3f}, variance init {row['init_variance']:.3g} / data "
-              f"{row['data_variance']:.3g}, λ̂ {row['llc_mean']:.3g} ± {row['llc_std']:.2g}")
+        print(_width_line(row))
     print(f"  wrote {out}/homogeneity.csv, summary.md, manifest.json, homogeneity.png")
     return 0
 

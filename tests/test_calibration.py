@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 import slt_probe
 from slt_probe import CalibrationGrid, LLCProbe, calibrate, estimate_llc
-from slt_probe.calibration import Calibration, CalibrationError, relative_gap
+from slt_probe.calibration import (
+    Calibration,
+    CalibrationError,
+    gap_not_shrinking,
+    relative_gap,
+)
 from slt_probe.settings import EstimateSettings
 
 SMALL_GRID = CalibrationGrid(lrs=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6),
@@ -229,3 +234,17 @@ def test_a_localisation_stronger_than_the_first_warms_up_without_overshooting():
     result = estimate_llc(model, (x, y), cal.apply(EstimateSettings(num_draws=50)),
                           batch_size=64, verbose=False)
     assert result.diagnostics["num_diverged"] == 0
+
+
+def test_the_step_ladder_stops_when_halving_the_step_stops_shrinking_the_gap():
+    # a step-size bias: about halved by each halving of ε -> keep descending
+    assert not gap_not_shrinking([(0.40, 0.02), (0.21, 0.02), (0.11, 0.02)], 0.05)
+    # the same gap at every level, each significant -> stop
+    assert gap_not_shrinking([(-0.19, 0.04), (-0.18, 0.04), (-0.20, 0.05)], 0.05)
+    # shrinking slowly (by a fifth per halving, as seen on a deep linear network) goes on
+    assert not gap_not_shrinking([(0.13, 0.01), (0.106, 0.01), (0.085, 0.01)], 0.05)
+    # two levels are not yet evidence; one gap within noise of the tolerance is not either
+    assert not gap_not_shrinking([(-0.21, 0.01), (-0.20, 0.01)], 0.05)
+    assert not gap_not_shrinking([(-0.19, 0.04), (-0.18, 0.04), (-0.12, 0.05)], 0.05)
+    # only the last three halvings count
+    assert gap_not_shrinking([(0.9, 0.1), (0.3, 0.02), (0.3, 0.02), (0.29, 0.02)], 0.05)

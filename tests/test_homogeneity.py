@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from slt_probe.cli import main
+from slt_probe.cli import _width_line, main
 from slt_probe.experiments import homogeneity as hom
 from slt_probe.run_log import read_rows
 
@@ -107,3 +107,11 @@ def test_an_interrupted_sweep_keeps_its_finished_widths(tmp_path, monkeypatch):
                         lambda **kwargs: trained.append(kwargs["width"]) or train(**kwargs))
     rows = hom.run_homogeneity("modadd-mlp", config=config, out=tmp_path, verbose=False)
     assert set(trained) == {64} and [r["width"] for r in rows] == [4, 64]
+
+
+def test_a_width_with_one_or_no_local_network_prints_without_a_spread():
+    row = {"width": 2, "train_error": 0.77, "test_error": 0.81, "init_variance": 0.0098,
+           "data_variance": 6.5e-5, "llc_mean": 4.84, "llc_std": None}
+    assert _width_line(row).endswith("λ̂ 4.84")
+    assert _width_line({**row, "llc_mean": None}).endswith("λ̂ no network stayed local")
+    assert _width_line({**row, "llc_std": 0.21}).endswith("λ̂ 4.84 ± 0.21")
