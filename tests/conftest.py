@@ -12,6 +12,11 @@ _SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist
 if not os.environ.get("SLT_PROBE_MNIST_DIR") and _SHARED_MNIST.is_dir():
     os.environ["SLT_PROBE_MNIST_DIR"] = str(_SHARED_MNIST)
 
+# Under pytest-xdist each worker process takes one core: one thread each, not one per core
+# per worker (oversubscribing the cores costs far more than it gains).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def regular_problem():

@@ -74,8 +74,6 @@ def test_a_killed_ray_worker_is_retried(ray_executor, tmp_path):
 
 def test_a_comparison_on_ray_gives_the_serial_numbers_and_resumes(ray_executor, tmp_path,
                                                                   monkeypatch):
-
-
     # the sweep machinery is the same for both regimes; the local regime's calibration
     # (its first run alone, then the rest) is covered serially in test_grokking
     kwargs = dict(config=_tiny_config(), scales=(1.0,), regimes=["notebook"], verbose=False)
@@ -109,8 +107,6 @@ def test_executor_names_are_checked():
 
 def test_a_trajectory_over_checkpoints_on_ray_gives_the_in_process_rows_and_resumes(
         ray_executor, tmp_path):
-
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     x = torch.randn(256, 4)
