@@ -6,8 +6,9 @@
 
 For the checkpoint: ``slt_probe.calibrate`` (its choice and its cost beside the estimate
 it then makes), then at every γ an estimate at the calibrated step ε from w*, warmed up
-at 2ε for Langevin time 2/γ (the localisation's time scale, so each γ relaxes), with its
-mean sampled loss, excess ratio r and health. One thread. Appends a Markdown block to
+at 2ε for Langevin time 2/γ (the localisation's time scale, so each γ relaxes; at most
+``MAX_WARMUP`` steps), with its mean sampled loss, excess ratio r and health. When the
+calibration fails, its message is recorded and the sweep runs at ``--fallback-lr``. One thread. Appends a Markdown block to
 ``OUT/locality.md`` and the rows to ``OUT/locality.csv``.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from slt_probe.reports import markdown_table
 from slt_probe.run_log import read_rows, write_csv_atomic, write_text_atomic
 
 CNN_STEPS = 500
+MAX_WARMUP = 20_000
 DEFAULT_GAMMAS = "1,3,10,30,100,300,1000,3000,10000"
 
 
@@ -100,7 +102,8 @@ def main(argv=None):
     rows, results = [], []
     for gamma in [float(g) for g in args.gammas.split(",")]:
         step = min(lr, 0.5 / gamma)
-        warmup = math.ceil(2.0 / gamma / (2 * step))
+        # Langevin time 2/γ, capped: at a weak γ and a tiny ε it would take hours
+        warmup = min(math.ceil(2.0 / gamma / (2 * step)), MAX_WARMUP)
         result = slt_probe.estimate_llc(
             model, data, settings, loss_fn=loss, verbose=False,
             sampler=slt_probe.SGLD(lr=step, localization=gamma), warmup_lr=2 * step,
