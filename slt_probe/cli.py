@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--seed", type=non_negative_int, default=0)
     est.add_argument("--estimator", choices=["control_variate", "plain"],
                      default="control_variate")
-    est.add_argument("--out", default="results/estimate", help="folder for the JSON result "
-                     "('' to skip)")
+    est.add_argument("--out", default=f"{RUNS_DIR}/estimate", help="folder for the JSON "
+                     f"result (default {RUNS_DIR}/estimate, not tracked by git; '' to skip)")
     est.add_argument("--quiet", action="store_true", help="no progress bar")
     est.set_defaults(run=_estimate)
     val = sub.add_parser("validate", help="ground-truth suite with automatic calibration only")
