@@ -284,6 +284,7 @@ class BatchedModel:
         self.path = working[0]
         if len(working) > 1:
             self.path_timings = {p: self._time_path(p, w, x, y) for p in working}
+            self.path = working[0]  # timing leaves the last timed path set
             fastest = min(working, key=self.path_timings.get)
             # a clear margin, so the choice does not flip with a busy machine's noise
             if self.path_timings[fastest] < FALLBACK_MARGIN * self.path_timings[self.path]:

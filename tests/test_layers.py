@@ -88,7 +88,8 @@ def test_every_layer_family_estimates_the_same_on_every_path_it_can_run(family):
     assert path == runs[0] or (len(runs) > 1 and path in runs)
     timed = auto.config["compute_path_seconds_per_step"]
     assert sorted(timed) == (sorted(runs) if runs[0] != "vmap" and len(runs) > 1 else [])
-    assert all(t > 0 for t in timed.values())  # which wins is the machine's business
+    if len(runs) > 1 and path != runs[0]:  # a fallback other than the first only if faster
+        assert timed[path] < timed[runs[0]]
     fallbacks = [w for w in caught if "its chains run as" in str(w.message)]
     assert len(fallbacks) == (0 if path == "vmap" else 1)  # once per model, not per step
     for forced in runs:
