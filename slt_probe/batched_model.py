@@ -284,7 +284,6 @@ class BatchedModel:
         self.path = working[0]
         if len(working) > 1:
             self.path_timings = {p: self._time_path(p, w, x, y) for p in working}
-            self.path = working[0]  # timing leaves the last timed path set
             fastest = min(working, key=self.path_timings.get)
             # a clear margin, so the choice does not flip with a busy machine's noise
             if self.path_timings[fastest] < FALLBACK_MARGIN * self.path_timings[self.path]:
@@ -302,16 +301,19 @@ class BatchedModel:
 
     def _time_path(self, path: str, w: Tensor, x, y: Tensor, repeats: int = 2) -> float:
         """Seconds per gradient of all chains on ``path`` (the best of a few, after one
-        untimed call)."""
-        self.path = path
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._grads(w, x, y)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
+        untimed call); the path in use is left as it was."""
+        chosen, self.path = self.path, path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 self._grads(w, x, y)
-                times.append(time.perf_counter() - started)
+                times = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    self._grads(w, x, y)
+                    times.append(time.perf_counter() - started)
+        finally:
+            self.path = chosen
         return min(times)
 
     def loss_and_grad(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
