@@ -481,11 +481,14 @@ class _Search:
 
     # -- stage 3 ----------------------------------------------------------------------
     def descend(self, relaxed: _Chains, tolerance: float, stage: str,
-                first_lr: float | None = None, level_steps: int | None = None) -> Stage:
+                first_lr: float | None = None, level_steps: int | None = None,
+                stop_unless_shrinking: bool = False) -> Stage:
         """Halve ε from ``first_lr`` (default ``relaxed``'s step), every level starting at
         ``relaxed``'s positions with the same noise and running the same number of steps,
         until λ̂ at 2ε and at ε agree within ``tolerance``. A level whose chains diverge is
-        dropped (its ε is too large) and the descent goes on below it."""
+        dropped (its ε is too large) and the descent goes on below it. With
+        ``stop_unless_shrinking`` it fails as soon as halving ε stops shrinking the gap
+        (``gap_not_shrinking``)."""
         grid = self.grid
         gamma = relaxed.sampler.localization
         start = relaxed.driver.positions.clone()
@@ -521,7 +524,7 @@ class _Search:
             row = self.row(smaller, stage, gap_to_double_lr=gap, gap_sem=gap_sem,
                            resolved=resolved)
             gaps.append((gap, gap_sem))
-            if stage == "ladder" and gap_not_shrinking(gaps, tolerance):
+            if stop_unless_shrinking and gap_not_shrinking(gaps, tolerance):
                 return Stage(False, "no_level", (
                     "λ̂ changes by " + ", ".join(f"{g:+.0%}" for g, _ in gaps[-3:]) +
                     f" over the last three halvings of ε (down to {lr:.3g}): the change "
@@ -652,7 +655,8 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         order = sorted(grid.localizations, reverse=True)
         while True:
             gamma = local.chains.sampler.localization
-            ladder = search.descend(local.chains, grid.bias_tolerance, "ladder")
+            ladder = search.descend(local.chains, grid.bias_tolerance, "ladder",
+                                    stop_unless_shrinking=True)
             if not ladder.ok:
                 raise CalibrationError(f"calibration failed on the step-bias ladder at γ = "
                                        f"{gamma:g}: {ladder.detail}")
