@@ -135,16 +135,13 @@ def main(argv=None):
             f"(+{chosen.config['num_warmup']:,} warm-up, {chosen.config['num_burnin']} burn-in) "
             f"in {chosen.config['seconds']:.1f} s: calibration / estimate = "
             f"{calibration_seconds / chosen.config['seconds']:.1f}×.")
-        summary = (f"n = {len(data[0])}, nβ = {chosen.nbeta:.4g}, d = "
-                   f"{chosen.config['num_params']:,}, L_n(w*) = {chosen.init_loss:.4g}, constant "
-                   f"predictor {chosen.diagnostics['constant_predictor_loss']:.4g}.")
     else:
         calibration_text = (f"Calibration failed after {calibration_seconds:.1f} s: {failure}. "
                             f"The sweep below runs at ε = {lr:.3g} (capped at 0.5/γ).")
-        first = results[0]
-        summary = (f"n = {len(data[0])}, nβ = {first.nbeta:.4g}, d = "
-                   f"{first.config['num_params']:,}, L_n(w*) = {first.init_loss:.4g}, constant "
-                   f"predictor {first.diagnostics['constant_predictor_loss']:.4g}.")
+    reference = chosen if cal is not None else results[0]  # any estimate states the problem
+    summary = (f"n = {len(data[0])}, nβ = {reference.nbeta:.4g}, d = "
+               f"{reference.config['num_params']:,}, L_n(w*) = {reference.init_loss:.4g}, "
+               f"constant predictor {reference.diagnostics['constant_predictor_loss']:.4g}.")
     command = " ".join(
         [f"--setup {args.setup}"]
         + ([f"--checkpoint {args.checkpoint}"] if checkpoint_given else [])
