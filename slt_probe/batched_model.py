@@ -380,6 +380,39 @@ class BatchedModel:
                 total += grad.double()
         return total / n
 
+    def hessian_vector_product(self, w: Tensor, v: Tensor, x, y: Tensor) -> Tensor:
+        """∇²L_n(w)·v at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64).
+
+        Exact (double backward) where every layer has a second derivative; otherwise the
+        central difference of two gradients at w ± δv, which on a loss with kinks reads the
+        curvature at the scale δ rather than at a point."""
+        try:
+            return self._exact_hvp(w, v, x, y)
+        except (RuntimeError, NotImplementedError):
+            norm = float(v.norm())
+            if norm == 0:
+                return torch.zeros(self.dim, dtype=torch.float64, device=w.device)
+            delta = 1e-3 * (1.0 + float(w.norm())) / norm
+            step = (delta * v).to(w.dtype)
+            return (self.full_gradient(w + step, x, y)
+                    - self.full_gradient(w - step, x, y)) / (2 * delta)
+
+    def _exact_hvp(self, w: Tensor, v: Tensor, x, y: Tensor) -> Tensor:
+        total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
+        n = num_examples(x)
+        direction = v.to(w.dtype)
+        for start in range(0, n, _EVAL_CHUNK):
+            part = slice(start, start + _EVAL_CHUNK)
+            leaf = w.detach().requires_grad_()
+            with torch.enable_grad(), self._context():
+                value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
+                                              y[part]).sum()
+                (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
+                (hv,) = torch.autograd.grad(grad @ direction, [leaf], allow_unused=True)
+            if hv is not None:
+                total += hv.double()
+        return total / n
+
     def inputs(self, x):
         """``x`` on the model's device, in float32 where half-precision weights are
         sampled in float32."""

@@ -39,7 +39,7 @@ from .estimator import llc_from_losses
 from .losses import resolve_loss
 from .point import Point, measure_point
 from .samplers import SGLD
-from .settings import EstimateSettings, correction_applies, resolve_settings
+from .settings import EstimateSettings, resolve_settings
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
 # γ from 1 to 10⁶ by half-decades: a large-weight network can need 10⁵ to stay local
@@ -300,7 +300,9 @@ class Calibration:
     measured_draws: int = 0
     chain_draws_for_target: int = 0
     excess_ratio: float | None = None
+    # the estimator the calibration chose, held by every estimate made with it
     gradient_correction: bool = False
+    gradient_evidence: dict = field(default_factory=dict)
     seconds: float = 0.0
     steps: int = 0
 
@@ -314,9 +316,14 @@ class Calibration:
         return min(self.grid.max_chains, math.ceil(self.chain_draws_for_target / per_chain))
 
     def apply(self, settings: EstimateSettings) -> EstimateSettings:
-        """``settings`` with this sampler, warm-up and (at least this) burn-in, and at least
-        the chains that reach the target standard error with its number of draws."""
+        """``settings`` with this sampler, warm-up and (at least this) burn-in, at least
+        the chains that reach the target standard error with its number of draws, and the
+        gradient correction decided here in place of ``"auto"`` (one estimator for every
+        point estimated with it)."""
+        correction = (self.gradient_correction if settings.gradient_correction == "auto"
+                      else settings.gradient_correction)
         return replace(settings, sampler=self.sampler, calibration_grid=None,
+                       gradient_correction=correction,
                        warmup_lr=self.warmup_lr, num_warmup=self.num_warmup,
                        num_burnin=max(settings.num_burnin, self.num_burnin),
                        num_chains=max(settings.num_chains, self.chains_for(settings.num_draws)))
@@ -333,6 +340,7 @@ class Calibration:
                    chain_draws_for_target=record["chain_draws_for_target"],
                    excess_ratio=record.get("excess_ratio"),
                    gradient_correction=record.get("gradient_correction", False),
+                   gradient_evidence=record.get("gradient_evidence", {}),
                    seconds=record.get("seconds", 0.0), steps=record.get("steps", 0))
 
     def to_dict(self) -> dict:
@@ -342,6 +350,7 @@ class Calibration:
                 "chain_draws_for_target": self.chain_draws_for_target,
                 "excess_ratio": self.excess_ratio,
                 "gradient_correction": self.gradient_correction,
+                "gradient_evidence": self.gradient_evidence,
                 "seconds": self.seconds, "steps": self.steps,
                 "reason": self.reason, "nbeta": self.nbeta, "grid": asdict(self.grid),
                 "table": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -363,9 +372,10 @@ class _Search:
         self.spent = 0
         self.stable = math.inf  # the stability probe's ε, once known
 
-    def chains(self, lr: float, gamma: float, start=None, seed_offset: int = 0) -> _Chains:
-        return _Chains(self.make_driver(lr, gamma, seed_offset), self.grid.max_steps,
-                       start=start)
+    def chains(self, lr: float, gamma: float, start=None, seed_offset: int = 0,
+               noise_substeps: int | None = None) -> _Chains:
+        return _Chains(self.make_driver(lr, gamma, seed_offset, noise_substeps),
+                       self.grid.max_steps, start=start)
 
     def extend(self, chains: _Chains, steps: int) -> bool:
         """Extend within the budget; False when the budget cannot cover it."""
@@ -484,42 +494,46 @@ class _Search:
                 first_lr: float | None = None, level_steps: int | None = None,
                 stop_unless_shrinking: bool = False) -> Stage:
         """Halve ε from ``first_lr`` (default ``relaxed``'s step), every level starting at
-        ``relaxed``'s positions with the same noise and running the same number of steps,
-        until λ̂ at 2ε and at ε agree within ``tolerance``. A level whose chains diverge is
-        dropped (its ε is too large) and the descent goes on below it. With
-        ``stop_unless_shrinking`` it fails as soon as halving ε stops shrinking the gap
-        (``gap_not_shrinking``)."""
+        ``relaxed``'s positions, until λ̂ at 2ε and at ε agree within ``tolerance``.
+
+        Each comparison runs ε for S steps and 2ε for S/2 steps on the same Brownian path
+        (coupled noise) and compares them over the same Langevin time, the second half.
+        Compared over the same number of steps, the 2ε level covered twice the time, and
+        where the start still drifts (slow, flat directions) that drift read as a step bias
+        that does not shrink with ε. A level whose chains diverge is dropped (its ε is too
+        large) and the descent goes on below it. With ``stop_unless_shrinking`` it fails as
+        soon as halving ε stops shrinking the gap (``gap_not_shrinking``)."""
         grid = self.grid
         gamma = relaxed.sampler.localization
         start = relaxed.driver.positions.clone()
         lr = first_lr or relaxed.sampler.lr
-        larger, gaps = None, []
+        above_is_stable, gaps = False, []
         base = level_steps or grid.level_steps
         while lr >= min(grid.lrs) / 2:
-            level_steps = first_steps = max(base, self.settle_steps(lr, gamma))
-            smaller = self.chains(lr, gamma, start, seed_offset=1)
+            steps = first_steps = 2 * math.ceil(max(base, self.settle_steps(lr, gamma)) / 2)
+            smaller = self.chains(lr, gamma, start, seed_offset=1, noise_substeps=1)
+            larger = (self.chains(2 * lr, gamma, start, seed_offset=1, noise_substeps=2)
+                      if above_is_stable else None)
             while True:
-                if not ((larger is None or self.extend(larger, level_steps))
-                        and self.extend(smaller, level_steps)):
+                if not ((larger is None or self.extend(larger, steps // 2))
+                        and self.extend(smaller, steps)):
                     return Stage(False, "budget", f"the step budget ({grid.max_steps:,}) ran "
                                                   f"out on the ladder at ε = {lr:.3g}")
                 if larger is not None and not larger.healthy:
                     larger = None  # diverged: this pair cannot be compared
                 if not smaller.healthy or larger is None:
                     break
-                gap, gap_sem = relative_gap(larger.second_half(), smaller.second_half())
+                gap, gap_sem = relative_gap(larger.window(steps // 4, steps // 2),
+                                            smaller.window(steps // 2, steps))
                 resolved = gap_sem <= tolerance / 2
                 if (abs(gap) - 2 * gap_sem > tolerance or resolved
-                        or level_steps >= first_steps * 2 ** grid.max_lengthenings):
+                        or steps >= first_steps * 2 ** grid.max_lengthenings):
                     break
-                level_steps *= 2  # unresolved: lengthen both levels
-            if not smaller.healthy:
-                self.row(smaller, stage)
-                larger, lr = None, lr / 2
-                continue
+                steps *= 2  # unresolved: lengthen both levels
+            above_is_stable = smaller.healthy
             if larger is None:
                 self.row(smaller, stage)
-                larger, lr = smaller, lr / 2
+                lr /= 2
                 continue
             row = self.row(smaller, stage, gap_to_double_lr=gap, gap_sem=gap_sem,
                            resolved=resolved)
@@ -534,7 +548,7 @@ class _Search:
             if abs(gap) <= tolerance or (
                     not resolved and abs(gap) - 2 * gap_sem <= tolerance):
                 return Stage(True, row=row, chains=smaller)
-            larger, lr = smaller, lr / 2
+            lr /= 2
         return Stage(False, "no_level", f"λ̂ still changes by more than "
                                         f"{tolerance:.0%} per halving of ε at the "
                                         f"grid's smallest ε ({min(grid.lrs):.3g})")
@@ -614,17 +628,18 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
     # the chosen sampler carries nβ only where the caller set it, so an estimate records
     # where nβ came from (and a default n/log n follows the data it is applied to)
     sampler_nbeta = nbeta if nbeta_source == "sampler" else None
-    norm_sq = point.gradient_norm_sq()
     num_chains = grid.num_chains or max(4, settings.num_chains)
 
-    def make_driver(lr: float, gamma: float, seed_offset: int) -> ChainDriver:
+    def make_driver(lr: float, gamma: float, seed_offset: int,
+                    noise_substeps: int | None = None) -> ChainDriver:
         generator = torch.Generator(device=batched.device).manual_seed(
             settings.seed * 1000 + seed_offset)
-        corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta, gamma)
+        corrected = point.correction_applies(settings.gradient_correction, nbeta, gamma)
         return ChainDriver(batched, source, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
                            nbeta=nbeta, point=point, num_chains=num_chains,
                            batch_size=settings.batch_size, estimator=settings.estimator,
-                           loss_on="minibatch", generator=generator, corrected=corrected)
+                           loss_on="minibatch", generator=generator, corrected=corrected,
+                           noise_substeps=noise_substeps)
 
     bar = tqdm(total=grid.max_steps, desc="calibrating (steps, at most)", unit="step",
                disable=not verbose, leave=False)
@@ -715,7 +730,8 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         num_warmup=warmup_steps, num_burnin=burnin, table=search.table,
         reason=reason, nbeta=nbeta, grid=grid, measured_draws=chosen["measured_draws"],
         chain_draws_for_target=draws_for_target, excess_ratio=ratio,
-        gradient_correction=correction_applies(settings.gradient_correction, norm_sq, nbeta,
-                                               gamma),
+        gradient_correction=point.correction_applies(settings.gradient_correction, nbeta,
+                                                     gamma),
+        gradient_evidence=point.gradient_summary(nbeta, gamma),
         seconds=time.perf_counter() - started, steps=search.spent,
         traces={"warmup": np.asarray(local.chains.llc), "warmup_lr": local.chains.sampler.lr})

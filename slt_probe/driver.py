@@ -36,7 +36,8 @@ class ChainDriver:
 
     def __init__(self, model: BatchedModel, source, *, sampler: Sampler, nbeta: float,
                  point: Point, num_chains: int, batch_size: int, estimator: str,
-                 loss_on: str, generator: torch.Generator, corrected: bool = False):
+                 loss_on: str, generator: torch.Generator, corrected: bool = False,
+                 noise_substeps: int | None = None):
         self.model = model
         self.source = source
         self.sampler = sampler
@@ -50,6 +51,14 @@ class ChainDriver:
         self.estimator = estimator
         self.loss_on = loss_on
         self.generator = generator
+        # Coupled noise (``noise_substeps``): the injected noise comes from its own stream,
+        # each step the normalised sum of k draws, so a run at 2ε with k = 2 sees the same
+        # Brownian path as a run at ε with k = 1 over the same Langevin time.
+        self.noise_substeps = noise_substeps
+        self.noise_generator = generator
+        if noise_substeps is not None:
+            self.noise_generator = torch.Generator(device=model.device).manual_seed(
+                generator.initial_seed() + 1)
         # g = ∇L_n(w*) when the first-order correction is on: chains then sample
         # L(w) − g·(w − w*), whose gradient is ∇L(w) − g.
         self.gradient = None
@@ -122,7 +131,7 @@ class ChainDriver:
                                      reference=reference.double().cpu().numpy(),
                                      alive=~self.diverged.copy(), acceptance=acceptance,
                                      correction=self._linear_term(state.w))
-                torch.randn(noise.shape, generator=self.generator, out=noise)
+                self._draw_noise(noise)
                 if self.mask is not None:
                     noise.mul_(self.mask)
                 if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
@@ -131,6 +140,14 @@ class ChainDriver:
                 state = kernel.step(state, grads, noise, w_star=self.w_star, nbeta=self.nbeta)
                 self.positions = state.w
                 bar.update(1)
+
+    def _draw_noise(self, noise: Tensor) -> None:
+        torch.randn(noise.shape, generator=self.noise_generator, out=noise)
+        if self.noise_substeps and self.noise_substeps > 1:
+            for _ in range(self.noise_substeps - 1):
+                noise.add_(torch.randn(noise.shape, generator=self.noise_generator,
+                                       device=noise.device, dtype=noise.dtype))
+            noise.div_(self.noise_substeps ** 0.5)
 
     def _full_losses(self, w: Tensor) -> Tensor:
         total = torch.zeros(len(w), dtype=torch.float64, device=w.device)

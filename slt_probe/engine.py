@@ -18,7 +18,7 @@ from .batched_model import BatchedModel
 from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import LLCAccumulator, LLCResult
 from .point import Point, measure_point
-from .settings import EstimateSettings, correction_applies, linear_bias_bound
+from .settings import EstimateSettings
 
 
 def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: EstimateSettings, *,
@@ -35,9 +35,8 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
     n = source.n
     sampler = settings.sampler
     nbeta, nbeta_source = settings.resolve_nbeta(n)
-    norm_sq = point.gradient_norm_sq()
-    corrected = correction_applies(settings.gradient_correction, norm_sq, nbeta,
-                                   sampler.localization)
+    corrected = point.correction_applies(settings.gradient_correction, nbeta,
+                                         sampler.localization)
     correction_note = ""
     if corrected and settings.backend != "native":
         # "auto" only (True is refused with this backend): devinterp samples the loss as is
@@ -55,9 +54,7 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
               "gradient_correction": corrected,
               "gradient_correction_setting": settings.gradient_correction,
               "gradient_correction_note": correction_note,
-              "gradient_norm": norm_sq ** 0.5 if point.gradient is not None else None,
-              "linear_bias_bound": (linear_bias_bound(norm_sq, nbeta, sampler.localization)
-                                    if point.gradient is not None else None)}
+              **point.gradient_summary(nbeta, sampler.localization)}
     accumulator = LLCAccumulator(settings.num_chains, settings.num_draws, nbeta,
                                  point.init_loss, reference_loss=point.reference_loss,
                                  max_excess_ratio=settings.max_excess_ratio,

@@ -1,6 +1,7 @@
 """What an estimate needs to know about w* on the data, measured once per point: the
 per-example losses (data in memory) or L_n(w*) (streamed data), the constant predictor's
-loss, and ∇L_n(w*) when a gradient correction may apply.
+loss, and ∇L_n(w*) with the evidence on whether it is real (``gradient_evidence``) when a
+gradient correction may apply.
 
 Not here: sampling (``driver``), the estimate (``engine``).
 """
@@ -9,35 +10,47 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .batched_model import BatchedModel
+from .gradient_evidence import GRADIENT_SUMMARY_KEYS, GradientEvidence, measure_gradient
 from .losses import ReferenceStats, check_output_and_targets, constant_predictor_loss
 
 
 @dataclass
 class Point:
-    """w* on the data: its losses, the constant predictor's loss, the gradient."""
+    """w* on the data: its losses, the constant predictor's loss, the gradient and the
+    evidence on it."""
 
     w_star: Tensor
     init_loss: float
     num_examples: int
     reference_loss: float | None
-    gradient: Tensor | None
+    evidence: GradientEvidence | None
     mask: Tensor | None
     star_losses: Tensor | None = None  # per example, for data in memory
 
-    def gradient_norm_sq(self) -> float:
-        if self.gradient is None:
-            return 0.0
-        g = self.gradient if self.mask is None else self.gradient * self.mask.double()
-        return float(g @ g)
+    @property
+    def gradient(self) -> Tensor | None:
+        """∇L_n(w*) on the sampled coordinates (None when the correction is off)."""
+        return None if self.evidence is None else self.evidence.gradient
+
+    def correction_applies(self, setting, nbeta: float, localization: float) -> bool:
+        """Whether ``gradient_correction=setting`` corrects here at this nβ and γ."""
+        if self.evidence is None:
+            return bool(setting) and setting != "auto"
+        return self.evidence.applies(setting, nbeta, localization)
+
+    def gradient_summary(self, nbeta: float, localization: float) -> dict:
+        """The evidence the correction decision rests on (None where not measured)."""
+        if self.evidence is None:
+            return {key: None for key in GRADIENT_SUMMARY_KEYS}
+        return self.evidence.summary(nbeta, localization)
 
 
 def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Point:
-    """Losses at w*, L_ref and (unless the correction is off) ∇L_n(w*), with one pass over
-    streamed data (two with the gradient)."""
+    """Losses at w*, L_ref and (unless the correction is off) ∇L_n(w*) with its evidence,
+    with one pass over streamed data (two with the gradient, more with its curvature)."""
     mask = model.layout.mask(settings.restrict_to)
     want_gradient = settings.gradient_correction is not False
     first_x, first_y = next(iter(source.chunks(2)))
@@ -62,15 +75,10 @@ def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Poin
         reference = stats.value()
     if settings.reference_loss is not None:
         reference = settings.reference_loss
-    gradient = None
-    if want_gradient:
-        gradient = torch.zeros(model.dim, dtype=torch.float64, device=model.device)
-        for xb, yb in source.chunks():
-            xb, yb = model.inputs(xb), yb.to(model.device)
-            gradient += model.full_gradient(w_star, xb, yb) * len(yb)
-        gradient /= source.n
     if not math.isfinite(init_loss):
         raise ValueError("the loss at the given model is NaN or inf; check the model and data")
+    evidence = (measure_gradient(model, w_star, source, mask, seed=settings.seed)
+                if want_gradient else None)
     return Point(w_star=w_star, init_loss=init_loss, num_examples=source.n,
-                 reference_loss=reference, gradient=gradient, mask=mask,
+                 reference_loss=reference, evidence=evidence, mask=mask,
                  star_losses=star_losses)

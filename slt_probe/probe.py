@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from .calibration import Calibration, calibrate
 from .data import as_source
 from .engine import run_estimate
 from .executors import Task, make_executor
+from .gradient_evidence import GRADIENT_SUMMARY_KEYS
 from .losses import resolve_loss
 from .run_log import (
     LLC_COLUMNS,
@@ -157,6 +158,9 @@ class LLCProbe:
                     "steps": sorted(self.scheduled_steps), "versions": versions()}
         self._log = TrajectoryLog(log_dir, manifest, allow_changed=resume_changed_settings)
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        held = self._log.manifest().get("gradient_correction_held") if log_dir else None
+        if held is not None and self.settings.gradient_correction == "auto":
+            self.settings = replace(self.settings, gradient_correction=held["applied"])
         if self.settings.auto and self.log_dir is not None:
             recorded = self._log.manifest().get("calibration")
             if recorded is not None:
@@ -198,9 +202,20 @@ class LLCProbe:
             w_star = self.batched.load_point(state)
             result = run_estimate(self.batched, w_star, self.source, self.settings,
                                   verbose=self.verbose, desc=f"LLC step {step}")
+        if self.settings.gradient_correction == "auto":
+            self._hold_correction(result.config, step)
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
         return self.record(step, row_from_result(result, seconds))
+
+    def _hold_correction(self, config: dict, step: int) -> None:
+        """One estimator per trajectory: with an explicit sampler, ``"auto"`` is decided at
+        the first estimate and held for every later one (recorded in the manifest)."""
+        applied = bool(config["gradient_correction"])
+        self.settings = replace(self.settings, gradient_correction=applied)
+        evidence = {k: config.get(k) for k in GRADIENT_SUMMARY_KEYS}
+        self._log.update_manifest(gradient_correction_held={
+            "applied": applied, "decided_at_step": step, "evidence": evidence})
 
     def record(self, step: int, values: dict) -> dict:
         """Write an estimate made elsewhere (``row_from_result``) as ``step``'s row."""
@@ -237,7 +252,11 @@ class LLCProbe:
                                     verbose=self.verbose, batched=self.batched)
         self.probe_seconds += time.perf_counter() - started
         self.use_calibration(calibration)
-        self._log.update_manifest(calibrated_at_step=self.step_count)
+        self._log.update_manifest(calibrated_at_step=self.step_count,
+                                  gradient_correction_held={
+                                      "applied": calibration.gradient_correction,
+                                      "decided_at_step": self.step_count,
+                                      "evidence": calibration.gradient_evidence})
         for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
                          disable=not self.verbose, leave=False):
             kept = self._pending.pop(step)
@@ -369,6 +388,11 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
                                                 verbose=verbose, batched=probe.batched))
         todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
                 if not probe._log.has_llc(step)]
+        if executor is not None and probe.settings.gradient_correction == "auto" and todo:
+            # the first estimate decides the correction for all (one estimator per curve)
+            step, checkpoint = todo.pop(0)
+            load_checkpoint(checkpoint, step)
+            probe.estimate(step)
         if executor is None:
             for step, checkpoint in tqdm(todo, desc="checkpoints", disable=not verbose):
                 load_checkpoint(checkpoint, step)

@@ -22,12 +22,6 @@ GRADIENT_CORRECTIONS = ("auto", True, False)
 # An estimate whose chains gave back more than this fraction of the gap between L_n(w*) and
 # the best constant predictor's loss has left the neighbourhood of w* (``diagnostics``).
 DEFAULT_MAX_EXCESS_RATIO = 0.25
-# "auto" gradient correction: on when the plain estimator's first-order bias bound
-# nβ²‖g‖²/γ exceeds this many nats. It costs one full-data gradient, so it is on wherever
-# the linear term could move λ̂ by a visible amount; near this bound switching it on or
-# off moves λ̂ by about the bound (measured along trained trajectories), well below its
-# standard error.
-CORRECTION_THRESHOLD = 0.1
 
 
 def default_nbeta(num_examples: int) -> float:
@@ -71,8 +65,10 @@ class EstimateSettings:
             at w*.
         gradient_correction: ``True`` samples L(w) − g·(w − w*) with g = ∇L_n(w*) (for
             points that are not minima) and reports nβ·E[L(w) − L(w*) − g·(w − w*)];
-            ``"auto"`` turns it on when nβ²‖g‖²/γ, the plain estimator's first-order bias
-            bound, exceeds ``CORRECTION_THRESHOLD`` (0.1 nat).
+            ``"auto"`` turns it on only where g is significantly larger than its own
+            sampling noise and would pull the plain estimate by more than a nat
+            (``slt_probe.gradient_evidence``); ``sampler="auto"`` decides once, at the
+            calibrated γ, and the decision is held for every estimate made with it.
         max_excess_ratio: the locality limit: chains whose mean loss gave back more than
             this fraction of the gap between L_n(w*) and the best constant predictor's
             loss have left the neighbourhood of w*.
@@ -228,29 +224,6 @@ class EstimateSettings:
                 "chain_batch": self.chain_batch, "precision": self.precision,
                 "device": None if self.device is None else str(self.device),
                 "compute_path": self.compute_path, "stream": self.stream}
-
-
-def linear_bias_bound(gradient_norm_sq: float, nbeta: float, localization: float) -> float:
-    """nβ²‖g‖²/γ: how far (in nats) the linear term g·(w − w*) can pull the plain estimate.
-
-    In a flat direction the localised posterior of nβ·g·Δ + γ/2‖Δ‖² is centred at
-    Δ = −nβg/γ, where nβ·g·Δ = −nβ²‖g‖²/γ; curvature only shrinks it.
-
-    Examples:
-        >>> linear_bias_bound(1e-4, 100.0, 10.0)
-        0.1
-    """
-    if localization == 0:
-        return math.inf if gradient_norm_sq > 0 else 0.0
-    return nbeta ** 2 * gradient_norm_sq / localization
-
-
-def correction_applies(setting, gradient_norm_sq: float, nbeta: float, localization: float
-                       ) -> bool:
-    """Whether ``gradient_correction=setting`` corrects at this gradient, nβ and γ."""
-    if setting == "auto":
-        return linear_bias_bound(gradient_norm_sq, nbeta, localization) > CORRECTION_THRESHOLD
-    return bool(setting)
 
 
 def resolve_settings(settings: EstimateSettings | None, overrides: dict) -> EstimateSettings:

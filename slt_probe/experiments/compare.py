@@ -25,7 +25,6 @@ from ..executors import SerialExecutor
 from ..models import activation
 from ..reports import markdown_table, mean_pm_std, plot_comparison, plot_redshift
 from ..run_log import write_csv_atomic, write_json_atomic, write_text_atomic
-from ..settings import CORRECTION_THRESHOLD
 from .presets import REGIMES, GrokkingConfig, build_model, build_task, preset
 from .redshift import WEIGHT_SCALES, complexity_at_init
 from .summary import aggregate, load_run
@@ -176,8 +175,8 @@ def summary_markdown(rows: list[dict], setup: str, config: GrokkingConfig,
         lines += [f"- local regime (fixed for all runs): SGLD ε={cal.sampler.lr:.3g}, "
                   f"γ={cal.sampler.localization:g}, nβ={cal.nbeta:.4g} (n/log n), warm-up "
                   f"{cal.num_warmup:,} steps at ε={cal.warmup_lr:.3g}, burn-in "
-                  f"{cal.num_burnin}, gradient correction where nβ²‖g‖²/γ > "
-                  f"{CORRECTION_THRESHOLD:g}; chosen by "
+                  f"{cal.num_burnin}, gradient correction "
+                  f"{'on' if cal.gradient_correction else 'off'} for every point; chosen by "
                   f"`slt_probe.calibrate` on the first run at the end of memorisation: "
                   f"{cal.reason}."]
     lines.append("")
