@@ -1,12 +1,13 @@
 """The first-order-corrected estimator at points that are not minima, and the rule that
 switches it on: a gradient significantly larger than its own noise that would pull the
 plain estimate by more than a nat."""
+import json
 import math
 
 import pytest
 import torch
 
-from slt_probe import SGLD, EstimateSettings, estimate_llc
+from slt_probe import SGLD, Calibration, EstimateSettings, LLCProbe, estimate_llc
 from slt_probe.batched_model import BatchedModel
 from slt_probe.data import as_source
 from slt_probe.gradient_evidence import GradientEvidence, measure_gradient, noise_threshold
@@ -140,3 +141,36 @@ def test_devinterp_backend_samples_the_plain_loss_and_says_so():
     assert r.config["gradient_correction"] is False
     assert r.config["gradient_pull"] > 1 and "cannot apply" in r.config[
         "gradient_correction_note"]
+
+
+def test_a_probe_holds_the_first_decision_for_every_later_estimate(tmp_path):
+    p, minimum = _displaced(0.3)
+    sampler = SGLD(lr=2e-5, localization=1.0)
+    probe = LLCProbe(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler=sampler, every=None,
+                     steps=[0, 1], num_chains=2, num_draws=5, batch_size=500,
+                     log_dir=tmp_path, verbose=False)
+    first = probe.estimate(0)  # off the minimum: a real gradient, corrected
+    with torch.no_grad():
+        p.model.weight.copy_(minimum)  # at the minimum the rule alone would say "off"
+    second = probe.estimate(1)
+    probe.detach()
+    assert first["gradient_correction"] and second["gradient_correction"]
+    held = json.loads((tmp_path / "manifest.json").read_text())["gradient_correction_held"]
+    assert held["applied"] is True and held["decided_at_step"] == 0
+    assert held["evidence"]["gradient_significant"] is True
+    # a probe resumed on the folder keeps the held estimator
+    resumed = LLCProbe(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler=sampler,
+                       every=None, steps=[0, 1, 2], num_chains=2, num_draws=5,
+                       batch_size=500, log_dir=tmp_path, verbose=False)
+    assert resumed.settings.gradient_correction is True
+    resumed.detach()
+
+
+def test_a_calibration_writes_its_decision_into_the_settings_it_applies():
+    cal = Calibration(sampler=SGLD(lr=1e-4, localization=100.0), warmup_lr=2e-4,
+                      num_warmup=10, num_burnin=10, table=[], reason="", nbeta=150.0,
+                      gradient_correction=True)
+    assert cal.apply(EstimateSettings()).gradient_correction is True
+    assert cal.apply(EstimateSettings(gradient_correction=False)).gradient_correction is False
+    again = Calibration.from_dict(cal.to_dict())
+    assert again.gradient_correction is True

@@ -57,7 +57,8 @@ class KnownProblem:
         return self
 
     def expected_llc(self, *, nbeta: float, localization: float) -> float | None:
-        """E[λ̂] under the exact localised tempered posterior at the current w*, or None.
+        """E[λ̂] under the exact localised tempered posterior at the current w* (a minimum
+        or not, for the linear model), or None.
 
         This is what a perfect sampler would report at this n, nβ and γ; the asymptotic
         λ is only its large-n limit. It is computable for the regular model (Gaussian
@@ -76,12 +77,22 @@ class KnownProblem:
                                           sxx=float((x * x).mean()), sxy=float((x * y).mean()),
                                           nbeta=nbeta, localization=localization)
         if isinstance(self.model, nn.Linear) and self.model.bias is None:
-            # L_n(w) − L_n(ŵ) = ½ (w − ŵ)ᵀ H (w − ŵ) per output, H = xᵀx / n: a Gaussian
-            # posterior, E[nβ ΔL] = ½ Σ nβ h / (nβ h + γ) over H's eigenvalues h, per output.
-            x = self.x.double()
-            h = torch.linalg.eigvalsh(x.T @ x / len(x))
-            per_output = float((0.5 * nbeta * h / (nbeta * h + localization)).sum())
-            return per_output * self.model.out_features
+            # L_n(w) − L_n(w*) = g·Δ + ½ ΔᵀHΔ per output, H = xᵀx / n, g = ∇L_n(w*): a
+            # Gaussian posterior, E[nβ ΔL] = Σ over H's eigenvalues h of
+            # ½ nβh/(nβh + γ) − nβ² g̃²(½nβh + γ)/(nβh + γ)² (g̃: g in H's eigenbasis; the
+            # second term vanishes at the minimum and is the pull of g elsewhere, e.g. at
+            # the teacher)
+            x, y = self.x.double(), self.y.double()
+            h, basis = torch.linalg.eigh(x.T @ x / len(x))
+            w = self.model.weight.detach().double()
+            total = 0.0
+            for out in range(self.model.out_features):
+                g = basis.T @ (x.T @ (x @ w[out] - y[:, out]) / len(x))
+                precision = nbeta * h + localization
+                total += float((0.5 * nbeta * h / precision).sum()
+                               - (nbeta ** 2 * g ** 2 * (0.5 * nbeta * h + localization)
+                                  / precision ** 2).sum())
+            return total
         if self.regular:
             # to second order the same Gaussian, with the Hessian of L_n at w*
             h = torch.linalg.eigvalsh(self.hessian())

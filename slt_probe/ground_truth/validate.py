@@ -48,6 +48,9 @@ class ValidationCase:
     quick: bool
     tolerance: float = 0.10
     make: Callable | None = None  # () -> KnownProblem, for known-λ cases
+    # estimated at the true parameter the data were generated from (the standard
+    # benchmark), not at the settled minimum of L_n
+    at_teacher: bool = False
 
 
 def _auto(model, data, loss_fn, *, grid, num_chains, num_draws, seed, batch_size=BATCH,
@@ -88,7 +91,9 @@ def _row(case: ValidationCase, *, d: int, n: int, truth: float, truth_exact: str
 
 def run_known(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> dict:
     started = time.perf_counter()
-    problem = case.make().settle()
+    problem = case.make()
+    if not case.at_teacher:
+        problem.settle()
     result = _auto(problem.model, (problem.x, problem.y), problem.loss_fn, grid=grid,
                    num_chains=num_chains, num_draws=num_draws, seed=seed)
     expected = problem.expected_llc(nbeta=result.nbeta,
@@ -176,7 +181,9 @@ def run_additivity(case: ValidationCase, *, grid, num_chains, num_draws, seed=0)
 
 def run_scale(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> dict:
     started = time.perf_counter()
-    problem = case.make().settle()
+    problem = case.make()
+    if not case.at_teacher:
+        problem.settle()
     data = (problem.x, problem.y)
     plain = _auto(problem.model, data, problem.loss_fn, grid=grid, num_chains=num_chains,
                   num_draws=num_draws, seed=seed)
@@ -198,7 +205,7 @@ CASES = [
     ValidationCase("regular d=20", run_known, True, make=lambda: problems.regular(20, 1, 20_000)),
     ValidationCase("rrr 5-4-5 r=0", run_known, False,
                    make=lambda: problems.deep_linear([5, 4, 5], 0, 50_000)),
-    ValidationCase("rrr 3-2-3 r=1", run_known, True,
+    ValidationCase("rrr 3-2-3 r=1", run_known, False,
                    make=lambda: problems.deep_linear([3, 2, 3], 1, 50_000)),
     ValidationCase("deep linear 2-3-4-2 r=1", run_known, True,
                    make=lambda: problems.deep_linear([2, 3, 4, 2], 1, 50_000)),
@@ -217,6 +224,13 @@ CASES = [
                    make=lambda: problems.deep_linear([58, 58, 58, 58], 4, 50_000)),
     ValidationCase("tanh teacher-student 2-3-1", run_known, False,
                    make=problems.tanh_teacher_student),
+    ValidationCase("regular d=20 at its teacher", run_known, True, at_teacher=True,
+                   make=lambda: problems.regular(20, 1, 20_000, seed=1)),
+    ValidationCase("deep linear 6-4-4-6 r=1 at its teacher", run_known, False, at_teacher=True,
+                   make=lambda: problems.deep_linear([6, 4, 4, 6], 1, 20_000)),
+    ValidationCase("deep linear 5-12-8-4-7 r=1 at its teacher", run_known, False,
+                   at_teacher=True,
+                   make=lambda: problems.deep_linear([5, 12, 8, 4, 7], 1, 20_000, seed=2)),
     ValidationCase("additivity: modadd MLP + linear block d=40", run_additivity, False,
                    tolerance=0.15),
     ValidationCase("scale invariance: rrr 3-2-3, loss ×2, nβ/2", run_scale, False,
@@ -250,12 +264,25 @@ def _expected(row: dict) -> str:
     return f"{row['expected_llc']:.4g} (λ̂ {row['error_vs_expected']:+.1%})"
 
 
+def judged_error(row: dict) -> float:
+    """The error a case is judged by: against the exact finite-n E[λ̂] for a case at a
+    teacher where it is known (the pull of the teacher's noise gradient is part of what a
+    perfect sampler reports there), else against the true λ."""
+    case = BY_KEY.get(row["case"])
+    if case is not None and case.at_teacher and row.get("error_vs_expected") is not None:
+        return row["error_vs_expected"]
+    return row["relative_error"]
+
+
 def markdown(rows: list[dict], command: str) -> str:
     target = rows[0].get("target_relative_sem") or CalibrationGrid.target_relative_sem
     lines = [f"Measured with `{command}`: automatic calibration only (`sampler=\"auto\"`; "
              f"it also sets the chains, for a {target:.0%} standard error), "
              f"{rows[0]['num_draws']:,} draws, seed 0. ✗ marks a relative error above the "
-             "case's tolerance (10 %, additivity 15 %, scale invariance 2 %); ± std is the "
+             "case's tolerance (10 %, additivity 15 %, scale invariance 2 %), judged against "
+             "the true λ, or for a case at its teacher against the exact E[λ̂] where it is "
+             "known (at a teacher the noise gradient pulls even a perfect sampler below λ); "
+             "± std is the "
              "spread across chains. Exact E[λ̂] is what a perfect sampler would report at "
              "this n, nβ and the chosen γ (monomials by quadrature; regular models, the tanh "
              "network and the additivity block from the Hessian); the true λ is its "
@@ -266,7 +293,7 @@ def markdown(rows: list[dict], command: str) -> str:
               "calibration s", "estimate s"]
     table = []
     for r in rows:
-        mark = "" if abs(r["relative_error"]) <= r["tolerance"] else " ✗"
+        mark = "" if abs(judged_error(r)) <= r["tolerance"] else " ✗"
         ratio = "n/a" if r["excess_ratio"] is None else f"{r['excess_ratio']:.2g}"
         table.append([r["case"], r["d"], r["true_lambda_exact"], _expected(r),
                       f"{r['llc_mean']:.4g} ± {r['llc_std']:.2g}", r["num_chains"],
@@ -275,7 +302,7 @@ def markdown(rows: list[dict], command: str) -> str:
                       f"{r['lr']:.2g}, {r['localization']:g}", _warmup(r),
                       f"{r['calibration_seconds']:.0f}", f"{r['estimate_seconds']:.0f}"])
     lines += markdown_table(header, table)
-    hits = sum(abs(r["relative_error"]) <= r["tolerance"] for r in rows)
+    hits = sum(abs(judged_error(r)) <= r["tolerance"] for r in rows)
     lines += ["", f"{hits} of {len(rows)} cases within their tolerance."]
     notes = [f"- {r['case']}: {r['note']}" for r in rows if r.get("note")]
     if notes:

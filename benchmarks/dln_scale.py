@@ -1,0 +1,96 @@
+"""Deep linear networks at scale, at their teachers, under automatic calibration only.
+
+    python benchmarks/dln_scale.py [--sizes 1e4,1e5,1e6] [--n 20000] [--out results/benchmarks]
+
+The setup of Furman & Lau (2024): a deep linear network whose weights are a teacher of a
+given end-to-end rank, data generated from it with unit Gaussian noise, and λ̂ estimated
+at the teacher (w* = the teacher, β = 1/log n) with ``sampler="auto"``. For each size:
+widths (four layers of equal width w, so d = 4w²), rank w/4, the true λ (Aoyagi), λ̂ ± s.e.,
+the ε, γ and nβ the calibration chose, chains × draws, wall time and peak memory. Each
+size runs in its own process (one thread) so that its peak memory is its own. Appends to
+``OUT/dln_scale.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import slt_probe
+from slt_probe.ground_truth import problems
+from slt_probe.reports import markdown_table
+from slt_probe.run_log import write_text_atomic
+
+HEADER = ["d", "widths", "rank", "n", "true λ", "λ̂ ± s.e.", "rel. error", "ε", "γ", "nβ",
+          "chains × draws", "correction", "healthy", "calibration s", "estimate s",
+          "peak RSS MB"]
+
+
+def one_size(target: int, n: int, draws: int) -> dict:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    width = max(2, round(math.sqrt(target / 4)))
+    rank = max(1, width // 4)
+    widths = [width] * 5
+    p = problems.deep_linear(widths, rank, n, seed=0)
+    started = time.perf_counter()
+    r = slt_probe.estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler="auto",
+                               num_draws=draws, batch_size=500, verbose=False)
+    truth = float(p.true_lambda)
+    cal = r.config["calibration"]
+    return {"d": p.num_params, "widths": "-".join(map(str, widths)), "rank": rank, "n": n,
+            "true_lambda": truth, "llc_mean": r.llc_mean, "llc_sem": r.llc_sem,
+            "relative_error": r.llc_mean / truth - 1, "lr": r.config["sampler"]["lr"],
+            "localization": r.config["sampler"]["localization"], "nbeta": r.nbeta,
+            "num_chains": r.config["num_chains"], "num_draws": r.config["num_draws"],
+            "correction": r.config["gradient_correction"],
+            "healthy": r.diagnostics["healthy"], "calibration_seconds": cal["seconds"],
+            "estimate_seconds": r.config["seconds"],
+            "seconds": time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _row(m: dict) -> list:
+    return [f"{m['d']:,}", m["widths"], m["rank"], f"{m['n']:,}", f"{m['true_lambda']:g}",
+            f"{m['llc_mean']:.4g} ± {m['llc_sem']:.2g}", f"{m['relative_error']:+.1%}",
+            f"{m['lr']:.2g}", f"{m['localization']:g}", f"{m['nbeta']:.4g}",
+            f"{m['num_chains']} × {m['num_draws']}", "on" if m["correction"] else "off",
+            "yes" if m["healthy"] else "no", f"{m['calibration_seconds']:.0f}",
+            f"{m['estimate_seconds']:.0f}", f"{m['peak_rss_mb']:.0f}"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1e4,1e5,1e6")
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--out", default="results/benchmarks")
+    args = parser.parse_args(argv)
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for size in (int(float(s)) for s in args.sizes.split(",")):
+        with context.Pool(1) as pool:
+            measured = pool.apply(one_size, (size, args.n, args.draws))
+        print(json.dumps(measured), flush=True)
+        rows.append(_row(measured))
+    command = "python benchmarks/dln_scale.py " + " ".join(argv or [])
+    text = "\n".join([f"Measured with `{command.strip()}` (CPU, one thread per size). "
+                      "w* = the teacher, automatic calibration only, batch 500.", "",
+                      *markdown_table(HEADER, rows)]) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "dln_scale.md"
+    previous = path.read_text() + "\n" if path.exists() else ""
+    write_text_atomic(path, previous + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
