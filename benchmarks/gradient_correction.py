@@ -35,7 +35,7 @@ from slt_probe.run_log import write_text_atomic
 from slt_probe.settings import default_nbeta
 
 HEADER = ["point", "n", "d", "T = n‖g‖²/tr Σ̂", "T threshold", "pull at γ (nats)", "γ", "ε",
-          "auto decides", "λ̂ plain", "λ̂ corrected", "truth", "s"]
+          "auto decides", "λ̂ plain", "λ̂ corrected", "λ; exact E[λ̂] where known", "s"]
 
 
 def ridge(decay: float):
@@ -110,9 +110,11 @@ def _measure(label, model, data, loss_fn, *, lr, gamma, draws, burnin, batch_siz
         return f"{result.llc_mean:.4g} ± {result.llc_sem:.2g}{flag}"
 
     pull = c["gradient_pull"]
-    truth_text = "—" if truth is None else f"{truth:.4g}"
+    truth_text = "—" if truth is None else f"{truth:g}"
     if expected is not None:
-        truth_text = f"{expected:.4g} (exact E[λ̂]; λ = {truth:g})"
+        plain_exact, corrected_exact = expected
+        truth_text = (f"{truth:g}; exact E[λ̂] plain {plain_exact:.4g}, corrected "
+                      f"{corrected_exact:.4g}")
     return [label, c["num_examples"], c["num_params"], f"{c['gradient_noise_ratio']:.3g}",
             f"{c['gradient_noise_threshold']:.3g}",
             "— (not significant)" if pull is None else f"{pull:.3g}", f"{gamma:g}", f"{lr:.2g}",
@@ -124,8 +126,10 @@ def known(p, *, settle: bool, lr, gamma, draws=2000, burnin=1000):
     if settle:
         p.settle()
     label = p.name + (" (settled minimum)" if settle else "")
-    expected = p.expected_llc(nbeta=default_nbeta(len(p.x)),
-                              localization=gamma)
+    nbeta = default_nbeta(len(p.x))
+    expected = p.expected_llc(nbeta=nbeta, localization=gamma)
+    if expected is not None:
+        expected = (expected, p.expected_llc(nbeta=nbeta, localization=gamma, corrected=True))
     return _measure(label, p.model, (p.x, p.y), p.loss_fn, lr=lr, gamma=gamma, draws=draws,
                     burnin=burnin, batch_size=500, truth=float(p.true_lambda),
                     expected=expected)

@@ -71,4 +71,6 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     result = run_estimate(batched, w_star, source, settings, verbose=verbose)
     if calibration is not None:
         result.config["calibration"] = calibration.to_dict()
+        # the correction was decided with the calibration, on this evidence
+        result.config.update(calibration.gradient_evidence)
     return result

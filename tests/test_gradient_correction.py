@@ -35,7 +35,7 @@ def test_corrected_estimator_reads_the_regular_value_away_from_the_minimum():
     p, minimum = _displaced(0.3)
     nbeta = default_nbeta(len(p.x))
     gamma = 1.0
-    expected = p.expected_llc(nbeta=nbeta, localization=gamma)
+    expected = p.expected_llc(nbeta=nbeta, localization=gamma, corrected=True)
     assert expected == pytest.approx(5.0, rel=0.01)  # d/2 at nβh ≫ γ
     sampler = SGLD(lr=2e-5, localization=gamma)
     corrected = estimate_llc(p.model, (p.x, p.y), sampler=sampler, gradient_correction=True,
@@ -96,9 +96,11 @@ def test_a_real_gradient_is_significant_and_its_predicted_pull_is_the_plain_esti
     assert evidence.significant and evidence.ratio > 100
     plain = estimate_llc(p.model, (p.x, p.y), sampler=SGLD(lr=2e-5, localization=1.0),
                          gradient_correction=False, **COMMON)
-    exact = p.expected_llc(nbeta=nbeta, localization=1.0)
-    # on a quadratic, plain = exact − pull
+    exact = p.expected_llc(nbeta=nbeta, localization=1.0, corrected=True)
+    # on a quadratic, plain = exact − pull, and the exact plain value says the same
     assert exact - plain.llc_mean == pytest.approx(evidence.pull(nbeta, 1.0), rel=0.05)
+    assert p.expected_llc(nbeta=nbeta, localization=1.0) == pytest.approx(
+        exact - evidence.pull(nbeta, 1.0), rel=0.01)
     r = estimate_llc(p.model, (p.x, p.y), sampler=SGLD(lr=2e-5, localization=1.0),
                      loss_fn="gaussian_nll", num_chains=2, num_draws=5, verbose=False)
     assert r.config["gradient_correction"] is True

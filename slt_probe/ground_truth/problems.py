@@ -56,12 +56,15 @@ class KnownProblem:
         optimizer.zero_grad(set_to_none=True)
         return self
 
-    def expected_llc(self, *, nbeta: float, localization: float) -> float | None:
+    def expected_llc(self, *, nbeta: float, localization: float,
+                     corrected: bool = False) -> float | None:
         """E[λ̂] under the exact localised tempered posterior at the current w* (a minimum
         or not, for the linear model), or None.
 
         This is what a perfect sampler would report at this n, nβ and γ; the asymptotic
-        λ is only its large-n limit. It is computable for the regular model (Gaussian
+        λ is only its large-n limit. ``corrected``: what the gradient-corrected estimator
+        would report (the linear model only; on a quadratic the linear term's pull is
+        removed exactly). It is computable for the regular model (Gaussian
         posterior) and the two-parameter monomials (quadrature), not for the others.
         """
         if nbeta <= 0 or localization < 0:
@@ -89,9 +92,9 @@ class KnownProblem:
             for out in range(self.model.out_features):
                 g = basis.T @ (x.T @ (x @ w[out] - y[:, out]) / len(x))
                 precision = nbeta * h + localization
-                total += float((0.5 * nbeta * h / precision).sum()
-                               - (nbeta ** 2 * g ** 2 * (0.5 * nbeta * h + localization)
-                                  / precision ** 2).sum())
+                pull = (nbeta ** 2 * g ** 2 * (0.5 * nbeta * h + localization)
+                        / precision ** 2).sum()
+                total += float((0.5 * nbeta * h / precision).sum() - (0 if corrected else pull))
             return total
         if self.regular:
             # to second order the same Gaussian, with the Hessian of L_n at w*
