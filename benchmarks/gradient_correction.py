@@ -125,7 +125,7 @@ def _measure(label, model, data, loss_fn, *, lr, gamma, draws, burnin, batch_siz
 def known(p, *, settle: bool, lr, gamma, draws=2000, burnin=1000):
     if settle:
         p.settle()
-    label = p.name + (" (settled minimum)" if settle else "")
+    label = p.name.replace("at its teacher", "at its settled minimum") if settle else p.name
     nbeta = default_nbeta(len(p.x))
     expected = p.expected_llc(nbeta=nbeta, localization=gamma)
     if expected is not None:
