@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import resource
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -80,7 +81,7 @@ def main(argv=None):
             measured = pool.apply(one_size, (size, args.n, args.draws))
         print(json.dumps(measured), flush=True)
         rows.append(_row(measured))
-    command = "python benchmarks/dln_scale.py " + " ".join(argv or [])
+    command = "python benchmarks/dln_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"Measured with `{command.strip()}` (CPU, one thread per size). "
                       "w* = the teacher, automatic calibration only, batch 500.", "",
                       *markdown_table(HEADER, rows)]) + "\n"

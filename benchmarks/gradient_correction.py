@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -188,7 +189,8 @@ def main(argv=None):
     rows.append(_measure("Omnigrok MNIST MLP at its ×8 initialisation", model, data,
                          config.loss, lr=1e-6, gamma=1e5, draws=400, burnin=400,
                          batch_size=200))
-    command = "python benchmarks/gradient_correction.py " + " ".join(argv or [])
+    command = "python benchmarks/gradient_correction.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
     text = "\n".join([
         f"Measured with `{command.strip()}` (1 thread, {time.perf_counter() - started:.0f} s). "
         "T: the gradient against its own noise (about 1 for noise); the threshold is "
