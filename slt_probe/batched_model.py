@@ -365,8 +365,9 @@ class BatchedModel:
                 total += values.double() * size
         return total / n
 
-    def full_gradient(self, w: Tensor, x, y: Tensor) -> Tensor:
-        """∇L_n at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64)."""
+    def _sum_over_chunks(self, w: Tensor, x, y: Tensor, derivative) -> Tensor:
+        """Mean over all of ``(x, y)`` of ``derivative(summed chunk loss, leaf)`` at a single
+        point ``w`` (d,), chunked (float64)."""
         total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
         n = num_examples(x)
         for start in range(0, n, _EVAL_CHUNK):
@@ -375,10 +376,16 @@ class BatchedModel:
             with torch.enable_grad(), self._context():
                 value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
                                               y[part]).sum()
-                (grad,) = torch.autograd.grad(value, [leaf], allow_unused=True)
-            if grad is not None:
-                total += grad.double()
+                result = derivative(value, leaf)
+            if result is not None:
+                total += result.double()
         return total / n
+
+    def full_gradient(self, w: Tensor, x, y: Tensor) -> Tensor:
+        """∇L_n at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64)."""
+        return self._sum_over_chunks(
+            w, x, y, lambda value, leaf: torch.autograd.grad(value, [leaf],
+                                                             allow_unused=True)[0])
 
     def hessian_vector_product(self, w: Tensor, v: Tensor, x, y: Tensor) -> Tensor:
         """∇²L_n(w)·v at a single point ``w`` (d,) over all of ``(x, y)``, chunked (float64).
@@ -386,8 +393,14 @@ class BatchedModel:
         Exact (double backward) where every layer has a second derivative; otherwise the
         central difference of two gradients at w ± δv, which on a loss with kinks reads the
         curvature at the scale δ rather than at a point."""
+        direction = v.to(w.dtype)
+
+        def exact(value, leaf):
+            (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
+            return torch.autograd.grad(grad @ direction, [leaf], allow_unused=True)[0]
+
         try:
-            return self._exact_hvp(w, v, x, y)
+            return self._sum_over_chunks(w, x, y, exact)
         except (RuntimeError, NotImplementedError):
             norm = float(v.norm())
             if norm == 0:
@@ -396,22 +409,6 @@ class BatchedModel:
             step = (delta * v).to(w.dtype)
             return (self.full_gradient(w + step, x, y)
                     - self.full_gradient(w - step, x, y)) / (2 * delta)
-
-    def _exact_hvp(self, w: Tensor, v: Tensor, x, y: Tensor) -> Tensor:
-        total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
-        n = num_examples(x)
-        direction = v.to(w.dtype)
-        for start in range(0, n, _EVAL_CHUNK):
-            part = slice(start, start + _EVAL_CHUNK)
-            leaf = w.detach().requires_grad_()
-            with torch.enable_grad(), self._context():
-                value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
-                                              y[part]).sum()
-                (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
-                (hv,) = torch.autograd.grad(grad @ direction, [leaf], allow_unused=True)
-            if hv is not None:
-                total += hv.double()
-        return total / n
 
     def inputs(self, x):
         """``x`` on the model's device, in float32 where half-precision weights are

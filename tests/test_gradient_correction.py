@@ -176,3 +176,23 @@ def test_a_calibration_writes_its_decision_into_the_settings_it_applies():
     assert cal.apply(EstimateSettings(gradient_correction=False)).gradient_correction is False
     again = Calibration.from_dict(cal.to_dict())
     assert again.gradient_correction is True
+
+
+def test_hessian_vector_products_match_autograd_and_the_difference_fallback(tiny_classifier):
+    model, x, y = tiny_classifier
+    batched = BatchedModel(model, resolve_loss("cross_entropy"))
+    w = batched.flatten(model).double()
+    batched.module.double()
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(flat):
+        return torch.func.functional_call(batched.module, batched.views(flat), (x.double(),))
+
+    expected = torch.autograd.functional.hvp(
+        lambda flat: torch.nn.functional.cross_entropy(loss(flat), y), w, v)[1]
+    exact = batched.hessian_vector_product(w, v, x.double(), y)
+    assert torch.allclose(exact, expected, rtol=1e-6, atol=1e-9)
+    step = 1e-4
+    difference = (batched.full_gradient(w + step * v, x.double(), y)
+                  - batched.full_gradient(w - step * v, x.double(), y)) / (2 * step)
+    assert torch.allclose(difference, expected, rtol=1e-3, atol=1e-6)
