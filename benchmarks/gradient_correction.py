@@ -35,6 +35,8 @@ from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
 from slt_probe.settings import default_nbeta
 
+from locality import train_with_adam  # a sibling script: benchmarks/ is on the path
+
 HEADER = ["point", "n", "d", "T = n‖g‖²/tr Σ̂", "T threshold", "pull at γ (nats)", "γ", "ε",
           "auto decides", "λ̂ plain", "λ̂ corrected", "λ; exact E[λ̂] where known", "s"]
 
@@ -84,13 +86,7 @@ def small_cnn(mnist_dir, n: int = 2_000, steps: int = 600):
     x, y = x[:n].reshape(-1, 1, 28, 28), y[:n]
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3),
                           nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(200, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        index = torch.randint(len(x), (64,), generator=generator)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
-        optimizer.step()
+    train_with_adam(model, x, y, steps=steps, lr=3e-3)
     return model, (x, y)
 
 

@@ -48,14 +48,19 @@ def small_cnn(mnist_dir, checkpoint=None):
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint))
         return model, (x, y), "cross_entropy"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_with_adam(model, x, y, steps=CNN_STEPS, lr=1e-3)
+    return model, (x, y), "cross_entropy"
+
+
+def train_with_adam(model, x, y, *, steps: int, lr: float, batch_size: int = 64) -> None:
+    """Minibatch Adam on cross-entropy, as a new user trains a classifier (seeded batches)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(CNN_STEPS):
-        index = torch.randint(len(x), (64,), generator=generator)
+    for _ in range(steps):
+        index = torch.randint(len(x), (batch_size,), generator=generator)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[index]), y[index]).backward()
         optimizer.step()
-    return model, (x, y), "cross_entropy"
 
 
 def main(argv=None):

@@ -143,11 +143,12 @@ class ChainDriver:
 
     def _draw_noise(self, noise: Tensor) -> None:
         torch.randn(noise.shape, generator=self.noise_generator, out=noise)
-        if self.noise_substeps and self.noise_substeps > 1:
-            for _ in range(self.noise_substeps - 1):
-                noise.add_(torch.randn(noise.shape, generator=self.noise_generator,
-                                       device=noise.device, dtype=noise.dtype))
-            noise.div_(self.noise_substeps ** 0.5)
+        substeps = self.noise_substeps or 1
+        for _ in range(substeps - 1):
+            noise.add_(torch.randn(noise.shape, generator=self.noise_generator,
+                                   device=noise.device, dtype=noise.dtype))
+        if substeps > 1:
+            noise.div_(substeps ** 0.5)
 
     def _full_losses(self, w: Tensor) -> Tensor:
         total = torch.zeros(len(w), dtype=torch.float64, device=w.device)

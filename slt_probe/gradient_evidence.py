@@ -35,12 +35,14 @@ only where the plain estimate would be wrong: g significant **and** its pull abo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from scipy import stats
 from torch import Tensor
+
+from .batched_model import take
 
 NOISE_GROUPS = 32
 SIGNIFICANCE = 1e-3
@@ -121,15 +123,17 @@ class GradientEvidence:
                 "gradient_noise_ratio": self.ratio,
                 "gradient_noise_threshold": self.threshold,
                 "gradient_significant": self.significant,
-                "gradient_pull": self.pull(nbeta, localization) if self.significant else None,
+                "gradient_pull": (self.pull(nbeta, localization)
+                                  if self.significant and self.ritz_values else None),
                 "gradient_pull_threshold": PULL_THRESHOLD}
 
 
 def measure_gradient(model, w_star: Tensor, source, mask: Tensor | None, *, seed: int = 0,
-                     groups: int = NOISE_GROUPS) -> GradientEvidence:
+                     groups: int = NOISE_GROUPS, curvature: bool = True) -> GradientEvidence:
     """g = ∇L_n(w*) and its noise from ``groups`` random groups of examples, in one pass
     (each chunk of the data is shuffled with a private generator and cut into groups of
-    about n/groups examples); then, if g is significant, its curvature by Lanczos."""
+    about n/groups examples); then, if g is significant and ``curvature`` is asked for
+    (a decision is still to be taken), its curvature by Lanczos."""
     generator = torch.Generator().manual_seed(seed)
     group_size = max(1, math.ceil(source.n / groups))
     total = torch.zeros(model.dim, dtype=torch.float64, device=model.device)
@@ -139,7 +143,7 @@ def measure_gradient(model, w_star: Tensor, source, mask: Tensor | None, *, seed
         order = torch.randperm(len(yb), generator=generator)
         for start in range(0, len(yb), group_size):
             index = order[start:start + group_size]
-            xg, yg = model.inputs(_take(xb, index)), yb[index].to(model.device)
+            xg, yg = model.inputs(take(xb, index)), yb[index].to(model.device)
             group_sum = model.full_gradient(w_star, xg, yg) * len(index)
             if mask is not None:
                 group_sum = group_sum * mask.double()
@@ -153,17 +157,10 @@ def measure_gradient(model, w_star: Tensor, source, mask: Tensor | None, *, seed
     noise = between / (num_groups - 1) / n if num_groups >= 2 else 0.0
     evidence = GradientEvidence(gradient=gradient, norm_sq=norm_sq, noise_norm_sq=noise,
                                 groups=num_groups)
-    if not evidence.significant:
+    if not (curvature and evidence.significant):
         return evidence
     values, weights = _lanczos_along(model, w_star, source, gradient, mask)
-    return GradientEvidence(gradient=gradient, norm_sq=norm_sq, noise_norm_sq=noise,
-                            groups=num_groups, ritz_values=values, ritz_weights=weights)
-
-
-def _take(x, index):
-    if isinstance(x, dict):
-        return {k: v[index] for k, v in x.items()}
-    return x[index]
+    return replace(evidence, ritz_values=values, ritz_weights=weights)
 
 
 def _hvp(model, w_star: Tensor, source, vector: Tensor, mask: Tensor | None) -> Tensor:

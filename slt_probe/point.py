@@ -37,8 +37,8 @@ class Point:
 
     def correction_applies(self, setting, nbeta: float, localization: float) -> bool:
         """Whether ``gradient_correction=setting`` corrects here at this nβ and γ."""
-        if self.evidence is None:
-            return bool(setting) and setting != "auto"
+        if self.evidence is None:  # measured unless the setting is False
+            return False
         return self.evidence.applies(setting, nbeta, localization)
 
     def gradient_summary(self, nbeta: float, localization: float) -> dict:
@@ -77,7 +77,8 @@ def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Poin
         reference = settings.reference_loss
     if not math.isfinite(init_loss):
         raise ValueError("the loss at the given model is NaN or inf; check the model and data")
-    evidence = (measure_gradient(model, w_star, source, mask, seed=settings.seed)
+    evidence = (measure_gradient(model, w_star, source, mask, seed=settings.seed,
+                                 curvature=settings.gradient_correction == "auto")
                 if want_gradient else None)
     return Point(w_star=w_star, init_loss=init_loss, num_examples=source.n,
                  reference_loss=reference, evidence=evidence, mask=mask,

@@ -172,12 +172,18 @@ class LLCProbe:
     def num_params(self) -> int:
         return self.batched.dim
 
-    def use_calibration(self, calibration: Calibration) -> None:
-        """Hold the sampler of a ``slt_probe.calibrate`` result fixed for every estimate."""
+    def use_calibration(self, calibration: Calibration, step: int | None = None) -> None:
+        """Hold the sampler of a ``slt_probe.calibrate`` result fixed for every estimate;
+        ``step``: the step whose weights it ran on (recorded with its correction decision;
+        None when re-read from the manifest, which already holds it)."""
         self.calibration = calibration
         self.settings = calibration.apply(self.settings)
         self._log.update_manifest(settings=self.settings.to_dict(),
                                       calibration=calibration.to_dict())
+        if step is not None:
+            self._log.update_manifest(calibrated_at_step=step)
+            self._record_held_correction(calibration.gradient_correction, step,
+                                         calibration.gradient_evidence)
 
     # -- schedule -------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -213,7 +219,10 @@ class LLCProbe:
         the first estimate and held for every later one (recorded in the manifest)."""
         applied = bool(config["gradient_correction"])
         self.settings = replace(self.settings, gradient_correction=applied)
-        evidence = {k: config.get(k) for k in GRADIENT_SUMMARY_KEYS}
+        self._record_held_correction(applied, step,
+                                     {k: config.get(k) for k in GRADIENT_SUMMARY_KEYS})
+
+    def _record_held_correction(self, applied: bool, step: int, evidence: dict) -> None:
         self._log.update_manifest(gradient_correction_held={
             "applied": applied, "decided_at_step": step, "evidence": evidence})
 
@@ -251,12 +260,7 @@ class LLCProbe:
                                     loss_fn=self.loss_fn, output=self.output,
                                     verbose=self.verbose, batched=self.batched)
         self.probe_seconds += time.perf_counter() - started
-        self.use_calibration(calibration)
-        self._log.update_manifest(calibrated_at_step=self.step_count,
-                                  gradient_correction_held={
-                                      "applied": calibration.gradient_correction,
-                                      "decided_at_step": self.step_count,
-                                      "evidence": calibration.gradient_evidence})
+        self.use_calibration(calibration, step=self.step_count)
         for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
                          disable=not self.verbose, leave=False):
             kept = self._pending.pop(step)
@@ -385,7 +389,8 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
             with preserved_state(model):
                 probe.use_calibration(calibrate(model, probe.source, probe.settings,
                                                 loss_fn=loss_fn, output=output,
-                                                verbose=verbose, batched=probe.batched))
+                                                verbose=verbose, batched=probe.batched),
+                                      step=steps[calibrate_on])
         todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
                 if not probe._log.has_llc(step)]
         if executor is not None and probe.settings.gradient_correction == "auto" and todo:

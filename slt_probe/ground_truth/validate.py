@@ -89,11 +89,15 @@ def _row(case: ValidationCase, *, d: int, n: int, truth: float, truth_exact: str
             "seconds": time.perf_counter() - started}
 
 
+def _problem(case: ValidationCase):
+    """The case's problem at its teacher, or settled at the nearby minimum of L_n."""
+    problem = case.make()
+    return problem if case.at_teacher else problem.settle()
+
+
 def run_known(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> dict:
     started = time.perf_counter()
-    problem = case.make()
-    if not case.at_teacher:
-        problem.settle()
+    problem = _problem(case)
     result = _auto(problem.model, (problem.x, problem.y), problem.loss_fn, grid=grid,
                    num_chains=num_chains, num_draws=num_draws, seed=seed)
     expected = problem.expected_llc(nbeta=result.nbeta,
@@ -181,9 +185,7 @@ def run_additivity(case: ValidationCase, *, grid, num_chains, num_draws, seed=0)
 
 def run_scale(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> dict:
     started = time.perf_counter()
-    problem = case.make()
-    if not case.at_teacher:
-        problem.settle()
+    problem = _problem(case)
     data = (problem.x, problem.y)
     plain = _auto(problem.model, data, problem.loss_fn, grid=grid, num_chains=num_chains,
                   num_draws=num_draws, seed=seed)
