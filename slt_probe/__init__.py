@@ -5,6 +5,7 @@ from .api import estimate_llc
 from .calibration import Calibration, CalibrationGrid, calibrate
 from .estimator import LLCAccumulator, LLCResult, llc_from_losses
 from .probe import LLCProbe, llc_trajectory, log_spaced_steps
+from .quadratic_baseline import QuadraticLLC, quadratic_llc
 from .reports import plot_calibration, plot_trace, plot_trajectory
 from .samplers import SGLD, SGNHT, RMSPropSGLD, Sampler, SamplerState
 from .settings import EstimateSettings, default_nbeta
@@ -17,4 +18,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = ["estimate_llc", "EstimateSettings", "default_nbeta", "LLCResult", "LLCAccumulator",
            "llc_from_losses", "SGLD", "RMSPropSGLD", "SGNHT", "Sampler", "SamplerState",
            "LLCProbe", "llc_trajectory", "log_spaced_steps", "plot_trajectory", "plot_trace",
-           "plot_calibration", "calibrate", "Calibration", "CalibrationGrid", "__version__"]
+           "plot_calibration", "quadratic_llc", "QuadraticLLC", "calibrate", "Calibration", "CalibrationGrid", "__version__"]

@@ -410,6 +410,30 @@ class BatchedModel:
             return (self.full_gradient(w + step, x, y)
                     - self.full_gradient(w - step, x, y)) / (2 * delta)
 
+    def hessian_matrix_product(self, w: Tensor, vectors: Tensor, x, y: Tensor) -> Tensor:
+        """∇²L_n(w)·V for the columns of ``vectors`` (d, k) at once over all of ``(x, y)``
+        (float64, (d, k)): one double-backward pass per chunk batched over the columns,
+        column by column where a layer has no batching rule for it."""
+        basis = vectors.to(w.dtype).T.contiguous()
+        total = torch.zeros(basis.shape[0], self.dim, dtype=torch.float64, device=w.device)
+        n = num_examples(x)
+        try:
+            for start in range(0, n, _EVAL_CHUNK):
+                part = slice(start, start + _EVAL_CHUNK)
+                leaf = w.detach().requires_grad_()
+                with torch.enable_grad(), self._context():
+                    value = self.loss.per_example(
+                        self._forward(self.views(leaf), take(x, part)), y[part]).sum()
+                    (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
+                    (rows,) = torch.autograd.grad(grad, [leaf], grad_outputs=basis,
+                                                  is_grads_batched=True, allow_unused=True)
+                if rows is not None:
+                    total += rows.double()
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([self.hessian_vector_product(w, column, x, y)
+                                for column in vectors.T], dim=1)
+        return (total / n).T
+
     def inputs(self, x):
         """``x`` on the model's device, in float32 where half-precision weights are
         sampled in float32."""

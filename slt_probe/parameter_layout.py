@@ -46,7 +46,7 @@ class ParameterLayout:
     def views(self, w: Tensor) -> dict[str, Tensor]:
         """Per-parameter views of ``w`` (d,) or (chains, d); no copies."""
         lead = w.shape[:-1]
-        return {n: w[..., a:b].view(*lead, *shape) for n, shape, a, b in
+        return {n: w[..., a:b].view(torch.Size((*lead, *shape))) for n, shape, a, b in
                 zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
 
     def flatten(self, model: nn.Module) -> Tensor:

@@ -165,3 +165,26 @@ def test_chains_in_groups_give_the_numbers_of_one_group(family):
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chain_batch"):
         estimate_llc(model, (x, y), chain_batch=0, **settings)
+
+
+class _Product(nn.Module):
+    """a·b·x with a and b stored as 0-dimensional or as one-element parameters."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.a = nn.Parameter(torch.full(shape, 0.5))
+        self.b = nn.Parameter(torch.full(shape, 1.0))
+
+    def forward(self, x):
+        return self.a * self.b * x
+
+
+def test_zero_dimensional_parameters_estimate_like_one_element_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1_000, 1, generator=g)
+    y = 0.5 * x + torch.randn(1_000, 1, generator=g)
+    runs = [estimate_llc(_Product(shape), (x, y), loss_fn="gaussian_nll",
+                         sampler=SGLD(lr=1e-4, localization=10.0), num_draws=100,
+                         verbose=False) for shape in [(), (1,)]]
+    assert runs[0].config["num_params"] == 2
+    assert runs[0].llc_mean == pytest.approx(runs[1].llc_mean, rel=1e-6)
