@@ -220,6 +220,11 @@ def plot_grokking(rows: list[dict], path=None, *, title: str = "",
     top.plot(steps, mean, color="tab:purple", label="λ̂ (train set)")
     top.fill_between(steps, [m - s for m, s in zip(mean, std)],
                      [m + s for m, s in zip(mean, std)], color="tab:purple", alpha=0.25)
+    quadratic = [(s, r["quadratic_llc"]) for s, r in zip(steps, llc)
+                 if r.get("quadratic_llc") not in (None, "") and math.isfinite(r["quadratic_llc"])]
+    if quadratic:
+        top.plot(*zip(*quadratic), color="tab:green", ls="--", lw=1.2,
+                 label="quadratic baseline ½Σ nβh/(nβh+γ)")
     away = [(s, m) for s, m, r in zip(steps, mean, llc) if r.get("local") is False]
     if away:
         top.scatter(*zip(*away), s=36, facecolors="none", edgecolors="r", zorder=4,

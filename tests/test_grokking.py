@@ -55,6 +55,14 @@ def test_short_modadd_run_memorises_and_its_llc_grows_in_both_regimes(tmp_path):
     assert len({(r["lr"], r["localization"]) for r in local if r["llc_mean"] is not None}) == 1
     assert summaries["local"]["calibrated_on_step"] >= summaries["local"]["train_acc_100_step"]
     assert summaries["local"]["max_excess_ratio"] is not None
+    # the curvature baseline beside each local estimate, at that estimate's nβ and γ: the
+    # fitted network's quadratic part grows too, and the summary reads the gap
+    estimated = [r for r in local if r["llc_mean"] is not None]
+    assert all(r["quadratic_llc"] is not None and r["quadratic_llc_sem"] > 0 for r in estimated)
+    assert estimated[-1]["quadratic_llc"] > estimated[0]["quadratic_llc"]
+    assert summaries["local"]["gap_final"] == pytest.approx(
+        estimated[-1]["llc_mean"] - estimated[-1]["quadratic_llc"])
+    assert "quadratic_llc" not in read_rows(tmp_path / "notebook" / "llc.csv")[0]
     # at nβ = 2 the notebook regime's chains are not local on the fitted network
     assert summaries["notebook"]["not_local_points"] > 0
     assert {"metrics.csv", "model.pt", "run.json", "checkpoints"} <= {

@@ -68,6 +68,12 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
         "llc_seconds": sum(r.get("seconds") or 0.0 for r in llc_rows),
         "wall_seconds": wall_seconds, "probe_seconds": probe_seconds,
     }
+    baseline = lambda row: row.get("quadratic_llc")  # noqa: E731
+    if any(isinstance(baseline(r), float) for r in llc_rows):
+        for name, row in (("init", init), ("peak", peak), ("final", final)):
+            summary[f"quadratic_{name}"] = baseline(row)
+            summary[f"gap_{name}"] = (row["llc_mean"] - baseline(row)
+                                      if isinstance(baseline(row), float) else None)
     if grok is not None:
         before = [r["llc_mean"] for r in trusted if r["step"] <= grok]
         after = [r["llc_mean"] for r in trusted if r["step"] >= grok]
