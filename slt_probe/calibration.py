@@ -315,6 +315,19 @@ class Calibration:
         per_chain = min(num_draws, self.measured_draws)
         return min(self.grid.max_chains, math.ceil(self.chain_draws_for_target / per_chain))
 
+    def at_resolution(self, factor: float) -> "Calibration":
+        """This calibration at γ × ``factor`` with ε and the warm-up's ε divided by it:
+        the same εγ (the step's share of the confinement) and so the same steps per
+        relaxation of the flattest direction, whose rate is γ/2 per unit of Langevin time;
+        stiff directions are sampled with a finer step. Used to read a trajectory at a
+        coarser resolution γ/nβ with the sampler the calibration chose."""
+        if not factor > 0:
+            raise ValueError(f"factor must be positive, got {factor!r}")
+        sampler = replace(self.sampler, lr=self.sampler.lr / factor,
+                          localization=self.sampler.localization * factor)
+        return replace(self, sampler=sampler, warmup_lr=self.warmup_lr / factor,
+                       reason=f"{self.reason} — then γ × {factor:g} and ε / {factor:g}")
+
     def apply(self, settings: EstimateSettings) -> EstimateSettings:
         """``settings`` with this sampler, warm-up and (at least this) burn-in, at least
         the chains that reach the target standard error with its number of draws, and the

@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--out", default=None, help=f"folder (default {RUNS_DIR}/{name}/SETUP, "
                          f"or {RUNS_DIR}/{name}/SETUP-quick with --quick; not tracked by git)")
         cmd.add_argument("--regimes", type=_names(REGIMES, "regimes"), default=list(REGIMES),
-                         help=f"comma-separated from {','.join(REGIMES)} (default both)")
+                         help=f"comma-separated from {','.join(REGIMES)} (default all)")
         cmd.add_argument("--mnist-dir", default=None, help="folder with the MNIST IDX files "
                          "(default: $SLT_PROBE_MNIST_DIR)")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -35,7 +35,8 @@ def test_short_modadd_run_memorises_and_its_llc_grows_in_both_regimes(tmp_path):
                      num_regular_points=2, num_eval_points=10,
                      llc=replace(preset("modadd-mlp").llc, num_draws=80, num_burnin=100),
                      local=LocalLLC(num_draws=100))
-    summaries = run_grokking("modadd-mlp", config=config, out=tmp_path, verbose=False)
+    summaries = run_grokking("modadd-mlp", config=config, out=tmp_path, verbose=False,
+                             regimes=["local", "notebook"])
     assert set(summaries) == {"local", "notebook"}
     for regime, summary in summaries.items():
         rows = read_rows(tmp_path / regime / "llc.csv")
@@ -210,3 +211,20 @@ def test_example_built_from_parts_runs(tmp_path):
     rows = read_rows(tmp_path / "llc.csv")
     assert sum(r["llc_mean"] is not None for r in rows) >= 8
     assert "λ̂" in out.stdout and (tmp_path / "trajectory.png").exists()
+
+
+def test_resolution_regimes_scale_the_local_calibration_and_read_lower(tmp_path):
+    summaries = run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
+                             regimes=["local-x3", "local"], verbose=False)
+    assert list(summaries) == ["local-x3", "local"]
+    rows = {regime: [r for r in read_rows(tmp_path / regime / "llc.csv")
+                     if r["llc_mean"] is not None] for regime in summaries}
+    local, coarse = rows["local"][-1], rows["local-x3"][-1]
+    assert coarse["localization"] == pytest.approx(3 * local["localization"])
+    assert coarse["lr"] == pytest.approx(local["lr"] / 3)
+    # a coarser resolution γ/nβ counts fewer directions, in λ̂ and in the quadratic baseline
+    assert coarse["llc_mean"] < local["llc_mean"]
+    assert coarse["quadratic_llc"] < local["quadratic_llc"]
+    with pytest.raises(ValueError, match="local"):
+        run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path / "alone",
+                     regimes=["local-x10"], verbose=False)

@@ -31,7 +31,7 @@ from ..probe import estimate_trajectory
 from ..quadratic_baseline import quadratic_llc
 from ..reports import plot_grokking
 from ..run_log import CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic
-from .presets import REGIMES, GrokkingConfig, build_model, preset
+from .presets import REGIMES, RESOLUTIONS, GrokkingConfig, build_model, preset
 from .summary import PLOT_NAME, SUMMARY_NAME, summarize
 from .training import (
     CHECKPOINT_DIR,
@@ -48,7 +48,7 @@ RUN_NAME = "run.json"
 # the curvature baseline along a trajectory: Hutchinson's estimator with this many probes
 # (about 1 % standard error on the bundled MLP for 300 Hessian products per checkpoint)
 BASELINE_PROBES = 16
-BASELINE_REGIMES = ("local",)  # at the notebook's nβ = 2 the baseline is ≈ 0 and says nothing
+BASELINE_REGIMES = ("local", *RESOLUTIONS)  # at the notebook's nβ = 2 it is ≈ 0: nothing to say
 
 
 def git_commit() -> str | None:
@@ -141,6 +141,35 @@ def _write_regime(out: Path, config: GrokkingConfig, act: str, seed: int, regime
                   grok_accuracy=config.grok_accuracy)
 
 
+def estimate_regimes(config: GrokkingConfig, run: TrainedRun, act: str, seed: int, regimes, *,
+                     folder: Path | None = None, calibrations: dict | None = None,
+                     verbose: bool = True) -> dict[str, RegimeResult]:
+    """Every regime of a run, the local one first: its calibration (calibrated here, given
+    in ``calibrations``, or recorded in ``folder/local``) is the one the resolution regimes
+    scale (``Calibration.at_resolution``)."""
+    calibrations = dict(calibrations or {})
+    ordered = sorted(regimes, key=lambda r: (r != "local", r in RESOLUTIONS, REGIMES.index(r)))
+    results = {}
+    for regime in ordered:
+        if regime in RESOLUTIONS and regime not in calibrations:
+            base = calibrations.get("local") or _local_calibration(results, folder)
+            calibrations[regime] = base.at_resolution(RESOLUTIONS[regime])
+        results[regime] = estimate_regime(
+            config, run, act, seed, regime, out=folder / regime if folder else None,
+            calibration=calibrations.get(regime), verbose=verbose)
+    return {regime: results[regime] for regime in regimes}
+
+
+def _local_calibration(results: dict, folder: Path | None) -> Calibration:
+    recorded = results["local"].manifest.get("calibration") if "local" in results else None
+    if recorded is None and folder is not None and (folder / "local" / MANIFEST_NAME).exists():
+        recorded = json.loads((folder / "local" / MANIFEST_NAME).read_text()).get("calibration")
+    if recorded is None:
+        raise ValueError(f"the regimes {sorted(RESOLUTIONS)} scale the local regime's "
+                         "calibration: estimate 'local' too (or first)")
+    return Calibration.from_dict(recorded)
+
+
 def _run_record(config, act, seed, quick, regimes, command, commit) -> dict:
     return {"command": command or " ".join(sys.argv), "config": config.to_dict(),
             "activation": act, "seed": seed, "quick": quick, "regimes": list(regimes),
@@ -166,14 +195,16 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
     act = activation_name or default_activation(config)
     build_model(config, act, seed)  # names a bad activation before any work
     folder = Path(out) if out is not None else None
+    if (any(r in RESOLUTIONS for r in regimes) and "local" not in regimes
+            and "local" not in (calibrations or {})
+            and not (folder and (folder / "local" / MANIFEST_NAME).exists())):
+        _local_calibration({}, None)  # names the missing local regime before training
     commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     run = train(config, act, seed, out=folder, mnist_dir=mnist_dir, verbose=verbose)
     summaries = {}
-    for regime in regimes:
-        result = estimate_regime(config, run, act, seed, regime,
-                                 out=folder / regime if folder is not None else None,
-                                 calibration=(calibrations or {}).get(regime),
-                                 verbose=verbose)
+    results = estimate_regimes(config, run, act, seed, regimes, folder=folder,
+                               calibrations=calibrations, verbose=verbose)
+    for regime, result in results.items():
         summaries[regime] = {**result.summary, "quick": quick}
         if folder is not None:
             write_json_atomic(folder / regime / SUMMARY_NAME, summaries[regime])
@@ -204,9 +235,8 @@ def grokking_task(setup: str, activation: str, seed: int, quick: bool,
     regime's rows, summary and calibration."""
     _checked_regimes(regimes)
     run = train(config, activation, seed, mnist_dir=mnist_dir, verbose=False)
-    results = {regime: estimate_regime(config, run, activation, seed, regime,
-                                       calibration=(calibrations or {}).get(regime),
-                                       verbose=False) for regime in regimes}
+    results = estimate_regimes(config, run, activation, seed, regimes,
+                               calibrations=calibrations, verbose=False)
     for result in results.values():
         result.summary["quick"] = quick
     return RunOutput(config, activation, seed, quick, run, results,

@@ -25,7 +25,10 @@ from ..samplers import SGLD
 from ..settings import EstimateSettings
 from .tasks import Task, mnist_task, modadd_task
 
-REGIMES = ("local", "notebook")
+# "local-x3"/"local-x10": the local regime's calibrated sampler at γ × 3 and × 10 (and ε
+# divided alike), held for the run: how much of a trajectory's shape depends on γ
+RESOLUTIONS = {"local-x3": 3.0, "local-x10": 10.0}
+REGIMES = ("local", *RESOLUTIONS, "notebook")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class GrokkingConfig:
 
     def regime_settings(self, regime: str) -> EstimateSettings:
         """The settings a trajectory in ``regime`` starts from."""
-        if regime == "local":
+        if regime == "local" or regime in RESOLUTIONS:
             return self.local.settings()
         if regime == "notebook":
             return self.llc.settings()
