@@ -2,7 +2,7 @@
 an optimizer, and the probe attached to the training loop.
 
     python examples/grokking_from_parts.py [--steps 6000] [--out runs/examples/grokking]
-    python examples/grokking_from_parts.py --mnist-dir ../shared/data/mnist --setup mnist-mlp
+    python examples/grokking_from_parts.py --mnist-dir DIR --setup mnist-mlp
 
 The probe's sampler is "auto": it keeps the weights of every scheduled step, calibrates
 once on the trained weights when the loop ends (`detach`), and estimates every kept step

@@ -24,7 +24,14 @@ from .experiments.homogeneity import SETUPS as HOMOGENEITY_SETUPS
 from .experiments.homogeneity import preset as homogeneity_preset
 from .experiments.homogeneity import run_homogeneity
 from .experiments.presets import REGIMES, SETUPS, preset
-from .experiments.summary import load_run, report
+from .experiments.summary import (
+    MIN_FALL,
+    RISE_FACTOR,
+    SMALL_AT_INIT,
+    load_run,
+    report,
+    resolution_report,
+)
 from .experiments.sweeps import grokking_sweep
 from .ground_truth import problems
 from .ground_truth.validate import validate
@@ -201,7 +208,7 @@ def _width_line(row: dict) -> str:
 def _homogeneity(args) -> int:
     out = _setup_folder(args, "homogeneity")
     config = homogeneity_preset(args.setup, args.quick)
-    changes = {k: v for k, v in (("widths", args.widths), ("init_seeds", args.seeds),
+    changes = {k: v for k, v in (("widths", args.widths), ("init_seeds", args.init_seeds),
                                  ("data_seeds", args.data_seeds)) if v is not None}
     if changes:
         config = replace(config, **changes)
@@ -219,8 +226,16 @@ def _grokking_report(args) -> int:
     if not root.is_dir():
         raise FileNotFoundError(f"no folder {root}: run `slt-probe grokking` first")
     table = report(root, replot=args.replot)
+    by_resolution = resolution_report(root)
+    if by_resolution:
+        table += ("\n## Claims at each resolution\n\nIn how many seeds each claim holds, for "
+                  "λ̂ and for the curvature baseline ½Σ nβh/(nβh + γ) read at λ̂'s steps "
+                  f"(small at init: ≤ {SMALL_AT_INIT:g} × peak; rises: peak ≥ "
+                  f"{RISE_FACTOR:g} × init, before grokking; falls: ≥ {MIN_FALL:.0%} below "
+                  "the peak at the end, after grokking); figures: `<setup>/resolutions.png`."
+                  "\n\n" + by_resolution)
     path = root / "README.md"
-    write_text_atomic(path, "# Grokking runs\n\nRegenerate this table: `slt-probe "
+    write_text_atomic(path, "# Grokking runs\n\nRegenerate this page: `slt-probe "
                       f"grokking-report --root {args.root}`\n\n" + table)
     print(table)
     print(f"wrote {path}")
@@ -288,15 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--activations", type=_names(ACTIVATION_NAMES, "activations"),
                              default=["relu", "tanh", "gelu"],
                              help=f"comma-separated, from {','.join(ACTIVATION_NAMES)}")
-            cmd.add_argument("--seeds", type=positive_int, default=3,
-                             help="number of seeds (0 … N-1)")
+            cmd.add_argument("--seeds", type=_seed_list, default=[0, 1, 2],
+                             help="seeds, comma-separated (default 0,1,2)")
             cmd.set_defaults(run=_compare)
     hom = sub.add_parser("homogeneity", help="run-to-run variance and λ̂ against width")
     hom.add_argument("--setup", choices=HOMOGENEITY_SETUPS, required=True)
     hom.add_argument("--widths", type=_widths, default=None,
                      help="comma-separated hidden widths (default: the preset's)")
-    hom.add_argument("--seeds", type=_number(int, 2, True, "a whole number >= 2"), default=None,
-                     help="initialisation seeds per width (default 4; quick 2)")
+    hom.add_argument("--init-seeds", type=_number(int, 2, True, "a whole number >= 2"),
+                     default=None,
+                     help="how many initialisation seeds per width (default 4; quick 2)")
     hom.add_argument("--data-seeds", type=_number(int, 2, True, "a whole number >= 2"),
                      default=None, help="training subsets per width (default 4; quick 2)")
     hom.add_argument("--quick", action="store_true", help="4 widths, 2 + 2 seeds (minutes)")

@@ -1,6 +1,6 @@
 """Bundled networks: the modular-addition embedding MLP and the MNIST MLP.
 
-Shapes follow the published setups (see ../shared/SCIENCE.md); the activation is a
+Shapes follow the published setups (docs/experiments.md); the activation is a
 parameter so experiments can compare them.
 """
 from __future__ import annotations

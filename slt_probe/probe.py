@@ -318,6 +318,17 @@ class LLCProbe:
         finally:
             self._log.release()
 
+    def close(self) -> None:
+        """Remove the hook, write the rows so far and release the log folder, without the
+        pending calibration ``detach`` would run: the way out after training failed."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        try:
+            self._log.flush()
+        finally:
+            self._log.release()
+
     def __enter__(self) -> "LLCProbe":
         return self
 

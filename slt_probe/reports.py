@@ -269,6 +269,43 @@ def _mean_band(trajectories: list[list[dict]]):
             np.array([np.std(by_step[s]) for s in steps]))
 
 
+def plot_resolutions(runs: dict[str, list[list[dict]]], path=None, title: str = "") -> Figure:
+    """λ̂ (solid, mean ± std over seeds) and the curvature baseline (dashed) of each
+    resolution regime on one log axis, with the test accuracy of the first seed."""
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
+    colours = iter(["tab:purple", "tab:blue", "tab:green", "tab:red"])
+    for regime, trajectories in runs.items():
+        colour = next(colours)
+        steps, mean, std = _mean_band(trajectories)
+        if not len(steps):
+            continue
+        ax.plot(steps + 1, mean, color=colour, label=f"λ̂, {regime}")
+        ax.fill_between(steps + 1, mean - std, mean + std, color=colour, alpha=0.2)
+        baseline = [[{"step": r["step"], "llc_mean": r["quadratic_llc"]} for r in rows
+                     if isinstance(r.get("quadratic_llc"), float)] for rows in trajectories]
+        b_steps, b_mean, _ = _mean_band(baseline)
+        if len(b_steps):
+            ax.plot(b_steps + 1, b_mean, color=colour, ls="--", lw=1,
+                    label=f"baseline, {regime}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step + 1")
+    ax.set_ylabel("λ̂ (log)")
+    first = next(iter(runs.values()))[0]
+    metric = [r for r in first if r.get("test_acc") is not None]
+    if metric:
+        acc = ax.twinx()
+        acc.plot([r["step"] + 1 for r in metric], [r["test_acc"] for r in metric],
+                 color="tab:orange", lw=1, alpha=0.6, label="test acc (first seed)")
+        acc.set_ylim(-0.02, 1.02)
+        acc.set_ylabel("test accuracy")
+        acc.legend(loc="lower right", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
 def plot_comparison(runs: dict[str, list[list[dict]]], path=None, title: str = "") -> Figure:
     """Mean ± std over seeds of λ̂ per activation (top) and every run's test accuracy."""
     fig = Figure(figsize=(7.5, 6.5))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import slt_probe
 from slt_probe import SGLD
-from slt_probe.run_log import read_rows
+from slt_probe.run_log import WriterLock, read_rows
 
 PROBE = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=2, num_draws=10,
              batch_size=16, verbose=False)
@@ -69,7 +70,9 @@ def test_tensorboard_sink_writes_the_probes_rows_at_their_steps(tmp_path):
 
     from slt_probe.integrations.tensorboard import TensorBoardSink
 
-    sink = TensorBoardSink(log_dir=tmp_path / "tb")
+    with pytest.raises(TypeError, match="SummaryWriter"):
+        TensorBoardSink(42)
+    sink = TensorBoardSink(tmp_path / "tb")  # a folder, as one first tries
     probe = _train_loop({**PROBE, "every": 10, "on_estimate": sink}, tmp=tmp_path / "run")
     sink.close()
     events = EventAccumulator(str(tmp_path / "tb"))
@@ -153,7 +156,7 @@ def test_bare_loop_probe_counts_the_steps_amps_grad_scaler_really_took(tmp_path)
 
 # -- Lightning ---------------------------------------------------------------------------
 
-def _lightning_fit(tmp_path, callback=None, accumulate=1, steps=60):
+def _lightning_fit(tmp_path, callback=None, accumulate=1, steps=60, extra_callbacks=()):
     pl = pytest.importorskip("lightning.pytorch")
 
     class Classifier(pl.LightningModule):
@@ -177,7 +180,8 @@ def _lightning_fit(tmp_path, callback=None, accumulate=1, steps=60):
     x, y = _data(256)
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     trainer = pl.Trainer(max_steps=steps, accumulate_grad_batches=accumulate,
-                         callbacks=[callback] if callback else [], logger=pl.loggers.CSVLogger(
+                         callbacks=([callback] if callback else []) + list(extra_callbacks),
+                         logger=pl.loggers.CSVLogger(
                              tmp_path / "logs"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
@@ -205,6 +209,37 @@ def test_lightning_callback_estimates_at_optimizer_steps_and_leaves_training_ide
     logged = [r for r in logged if r.get("llc/mean") is not None]
     assert [r["step"] for r in logged] == [0, 20, 40, 60]
     assert [r["llc/mean"] for r in logged] == pytest.approx([r["llc_mean"] for r in rows])
+
+
+def test_lightning_callback_releases_its_log_folder_when_the_fit_raises(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from slt_probe.integrations.lightning import LLCCallback
+
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 25:
+                raise RuntimeError("boom")
+
+    callback = LLCCallback(_data(256), every=10, log_dir=tmp_path / "llc", **PROBE)
+    with pytest.raises(RuntimeError, match="boom"):
+        _lightning_fit(tmp_path, callback, extra_callbacks=[Boom()])
+    assert [r["step"] for r in read_rows(tmp_path / "llc" / "llc.csv")] == [0, 10, 20]
+    # the folder is free: a new writer may resume it at once (not at garbage collection)
+    WriterLock(tmp_path / "llc").release()
+
+
+def test_lightning_callback_under_two_process_ddp_estimates_on_rank_zero_only(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "llc")],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: probe built, 3 rows" in done.stdout
+    assert "rank 1: probe not built, 0 rows" in done.stdout
+    rows = read_rows(tmp_path / "llc" / "llc.csv")
+    assert [r["step"] for r in rows] == [0, 10, 20]
+    assert all(r["llc_mean"] is not None for r in rows)
 
 
 # -- Hugging Face ------------------------------------------------------------------------

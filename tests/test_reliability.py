@@ -115,7 +115,9 @@ def test_resuming_with_other_settings_names_them_unless_asked_to_continue(tmp_pa
     (["grokking", "--setup", "modadd-mlp", "--seeds", "0,0"], "distinct seeds"),
     (["grokking", "--setup", "modadd-mlp", "--regimes", "local,hot"], "unknown regimes"),
     (["compare", "--setup", "modadd-mlp", "--activations", "relu,foo"], "unknown activations"),
-    (["compare", "--setup", "modadd-mlp", "--seeds", "0"], "--seeds"),
+    (["compare", "--setup", "modadd-mlp", "--seeds", "3,3"], "distinct seeds"),
+    (["compare", "--setup", "modadd-mlp", "--seeds", "-1"], "--seeds"),
+    (["homogeneity", "--setup", "mnist-mlp", "--init-seeds", "1"], "--init-seeds"),
     (["compare", "--setup", "modadd-mlp", "--executor", "dask"], "--executor"),
     (["grokking", "--setup", "modadd-mlp", "--ray-address", "auto"], "needs --executor ray"),
 ])

@@ -10,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..reports import markdown_table, mean_pm_std, plot_grokking
+from ..reports import markdown_table, mean_pm_std, plot_grokking, plot_resolutions
 from ..run_log import CSV_NAME, read_rows, write_json_atomic
 
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "trajectory.png"
+RESOLUTIONS_PLOT = "resolutions.png"
+# what "small", "rises" and "falls" mean in the claims table (fixed before any run was read)
+SMALL_AT_INIT = 0.25  # λ̂ at initialisation at most this fraction of the peak
+RISE_FACTOR = 2.0  # the peak at least this many times λ̂ at initialisation
+MIN_FALL = 0.2  # λ̂ after grokking falls by at least this fraction of the peak
 
 
 def _first_step(rows: list[dict], key: str, threshold: float) -> int | None:
@@ -159,4 +164,77 @@ def report(root: str | Path, replot: bool = False) -> str:
                           pm("grok_step", ".0f"), count("peak_before_grok"),
                           count("llc_falls_after_grok"), pm("llc_fall_fraction", ".0%"),
                           f"{not_local}/{points}", pm("llc_seconds", ".0f")])
+    return "\n".join(markdown_table(header, table)) + "\n"
+
+
+def claims(summary: dict, series: str = "llc") -> dict:
+    """The grokking claims on one run, for λ̂ (``"llc"``) or for the curvature baseline
+    (``"quadratic"``, read at λ̂'s init, peak and final steps): small at initialisation
+    (≤ ``SMALL_AT_INIT`` of the peak), rises while fitting (peak ≥ ``RISE_FACTOR`` × init,
+    before grokking), falls through grokking (the final value at least ``MIN_FALL`` below
+    the peak, after grokking); None where the run has no such value."""
+    init, peak, final = (summary.get(f"{series}_{k}") for k in ("init", "peak", "final"))
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (init, peak, final)):
+        return {"small_at_init": None, "rises": None, "falls": None, "fall": None}
+    fall = (peak - final) / abs(peak) if peak else None
+    grokked = summary.get("grok_step") is not None
+    return {"small_at_init": init <= SMALL_AT_INIT * peak,
+            "rises": peak >= RISE_FACTOR * init and bool(summary.get("peak_before_grok", True)),
+            "falls": (grokked and fall is not None and fall >= MIN_FALL) if grokked else None,
+            "fall": fall}
+
+
+def _count(values: list) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(bool(v) for v in known)}/{len(known)}" if known else "—"
+
+
+def resolution_report(root: str | Path) -> str:
+    """Per setup and resolution regime (local, local-x3, local-x10): in how many seeds each
+    claim holds for λ̂ and for the curvature baseline, the fall from the peak, and the
+    share of λ̂ at its peak that the baseline explains. Draws ``<setup>/resolutions.png``."""
+    root = Path(root)
+    header = ["setup", "regime", "γ", "seeds", "λ̂ small at init", "λ̂ rises", "λ̂ falls",
+              "λ̂ fall from peak", "baseline small at init", "baseline rises",
+              "baseline falls", "baseline fall", "baseline / λ̂ at peak", "points not local"]
+    table = []
+    for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        runs_by_regime = {}
+        for regime in ("local", "local-x3", "local-x10"):
+            runs = [load_run(d) for d in sorted(setup_dir.glob(f"seed*/{regime}"))]
+            runs = [r for r in runs if r is not None]
+            if not runs:
+                continue
+            runs_by_regime[regime] = runs
+            summaries = [s for s, _ in runs]
+            mine = [claims(s) for s in summaries]
+            base = [claims(s, "quadratic") for s in summaries]
+            falls = [c["fall"] for c in mine if c["fall"] is not None]
+            base_falls = [c["fall"] for c in base if c["fall"] is not None]
+            explained = [s["quadratic_peak"] / s["llc_peak"] for s in summaries
+                         if isinstance(s.get("quadratic_peak"), float) and s.get("llc_peak")]
+            gammas = sorted({r["localization"] for _, rows in runs for r in rows
+                             if r.get("localization") is not None})
+            table.append([
+                setup_dir.name, regime, ", ".join(f"{g:g}" for g in gammas), len(runs),
+                _count([c["small_at_init"] for c in mine]), _count([c["rises"] for c in mine]),
+                _count([c["falls"] for c in mine]),
+                mean_pm_std(np.mean(falls) if falls else None,
+                            np.std(falls) if len(falls) > 1 else None, ".0%"),
+                _count([c["small_at_init"] for c in base]), _count([c["rises"] for c in base]),
+                _count([c["falls"] for c in base]),
+                mean_pm_std(np.mean(base_falls) if base_falls else None,
+                            np.std(base_falls) if len(base_falls) > 1 else None, ".0%"),
+                mean_pm_std(np.mean(explained) if explained else None,
+                            np.std(explained) if len(explained) > 1 else None, ".2f"),
+                f"{sum(s.get('not_local_points') or 0 for s in summaries)}/"
+                f"{sum(s.get('num_llc_points') or 0 for s in summaries)}"])
+        if len(runs_by_regime) > 1:
+            plot_resolutions({regime: [rows for _, rows in runs]
+                              for regime, runs in runs_by_regime.items()},
+                             setup_dir / RESOLUTIONS_PLOT,
+                             title=f"{setup_dir.name}: λ̂ and the curvature baseline by γ "
+                                   "(mean ± std over seeds)")
+    if not table:
+        return ""
     return "\n".join(markdown_table(header, table)) + "\n"

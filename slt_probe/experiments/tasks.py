@@ -41,7 +41,7 @@ def modadd_task(p: int, train_fraction: float, seed: int) -> Task:
 
 def mnist_task(num_train: int, seed: int, directory=None) -> Task:
     """``num_train`` images for training, the rest held out, from the split that is present
-    (the test split if both are: it is the one shipped in ../shared/data/mnist)."""
+    (the test split if both are)."""
     images, labels = load_available_mnist(directory)
     if not 0 < num_train < len(images):
         raise ValueError(f"num_train must be in (0, {len(images)}), got {num_train}")

@@ -30,6 +30,12 @@ class LLCCallback(_transformers.TrainerCallback):
 
     Training with the callback is bit-identical to training without it.
 
+    Under multi-process training (``torchrun``, Accelerate) only the world's process zero
+    (``state.is_world_process_zero``) estimates and writes; the other processes wait for
+    it at their next synchronisation, so an estimate must finish within the process
+    group's timeout. The Trainer has no hook for a failed run: after an exception, call
+    ``callback.close()`` to write the rows so far and release the log folder.
+
     Examples:
         >>> import torch, slt_probe
         >>> examples = [{"input_ids": torch.randint(0, 30, (8,)), "labels": torch.tensor(1)}
@@ -64,12 +70,20 @@ class LLCCallback(_transformers.TrainerCallback):
             self.user_on_estimate(step, row)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self._state = state
         self.probe = LLCProbe(model, self.source, on_estimate=self._emit, **self.probe_kwargs)
         self.probe.maybe_estimate(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.probe.maybe_estimate(state.global_step)
+        if self.probe is not None:
+            self.probe.maybe_estimate(state.global_step)
+
+    def close(self) -> None:
+        """Write the rows so far and release the log folder (after a failed run)."""
+        if self.probe is not None:
+            self.probe.close()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probe is not None:

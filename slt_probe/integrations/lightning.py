@@ -24,6 +24,11 @@ class LLCCallback(_pl.Callback):
     Training with the callback is bit-identical to training without it: parameters,
     gradients, modes and every RNG stream are restored around each estimate.
 
+    Under multi-process training (DDP) only global rank zero estimates and writes (the
+    weights are the same on every rank); the other ranks wait for it at their next
+    synchronisation, so an estimate must finish within the process group's timeout. If
+    the fit raises, the rows so far are written and the log folder is released.
+
     Raises:
         ValueError: ``data=None`` and the fit has no datamodule.
 
@@ -61,6 +66,8 @@ class LLCCallback(_pl.Callback):
             self.user_on_estimate(step, row)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
         self._trainer = trainer
         self.probe = LLCProbe(pl_module, self._data(trainer), on_estimate=self._emit,
                               exclude_from_copy=[trainer], **self.probe_kwargs)
@@ -68,6 +75,8 @@ class LLCCallback(_pl.Callback):
         self.probe.maybe_estimate(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.probe is None:
+            return
         step = trainer.global_step
         if step != self._last_step:  # an optimizer step happened (not a micro-batch)
             self._last_step = step
@@ -78,6 +87,10 @@ class LLCCallback(_pl.Callback):
             self.probe.detach()
             for logger in trainer.loggers:
                 logger.save()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.probe is not None:
+            self.probe.close()
 
     @property
     def history(self) -> list[dict]:

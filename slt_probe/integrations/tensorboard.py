@@ -4,6 +4,8 @@ Use as ``LLCProbe(..., on_estimate=TensorBoardSink(writer))`` or pass it to a ca
 """
 from __future__ import annotations
 
+import os
+
 from .metrics import require, row_metrics
 
 _tensorboard = require("torch.utils.tensorboard", "tensorboard")
@@ -14,8 +16,8 @@ class TensorBoardSink:
     diagnostics at each estimate's step.
 
     Args:
-        writer: a ``torch.utils.tensorboard.SummaryWriter`` (default: one the sink creates
-            in ``log_dir``).
+        writer: a ``torch.utils.tensorboard.SummaryWriter``, or a folder (a path) for one
+            the sink creates (default: one in ``log_dir``).
         log_dir: where a writer the sink creates writes.
         prefix: the tag prefix.
 
@@ -30,8 +32,13 @@ class TensorBoardSink:
     """
 
     def __init__(self, writer=None, *, log_dir=None, prefix: str = "llc"):
+        if isinstance(writer, (str, os.PathLike)):
+            writer, log_dir = None, writer
         if writer is None and log_dir is None:
             raise ValueError("give a SummaryWriter or a log_dir for one")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a SummaryWriter (or a folder path), got "
+                            f"{type(writer).__name__}")
         self.writer = writer or _tensorboard.SummaryWriter(log_dir=str(log_dir))
         self.prefix = prefix
 
