@@ -176,7 +176,8 @@ def _drift(llc_trace: np.ndarray) -> tuple[float, float, float, float]:
 
 def diagnose(llc_trace: np.ndarray, excess: np.ndarray, diverged: np.ndarray,
              diverged_at: list, acceptance: np.ndarray | None, *, init_loss: float, reference_loss: float | None, max_excess_ratio: float,
-             corrected: bool) -> dict:
+             corrected: bool, gradient_pull: float | None = None,
+             gradient_ratio: float | None = None) -> dict:
     """Everything ``LLCResult.diagnostics`` holds, with a ``healthy`` verdict.
 
     Args:
@@ -188,6 +189,8 @@ def diagnose(llc_trace: np.ndarray, excess: np.ndarray, diverged: np.ndarray,
         reference_loss: the best constant predictor's loss L_ref (None if unknown).
         max_excess_ratio: the locality limit.
         corrected: whether the gradient correction was applied.
+        gradient_pull, gradient_ratio: where ∇L_n(w*) is real and was not corrected, the
+            nats by which it pulls the plain estimate and its noise ratio T (else None).
     """
     alive = ~np.asarray(diverged, dtype=bool)
     live = llc_trace[alive]
@@ -239,6 +242,13 @@ def diagnose(llc_trace: np.ndarray, excess: np.ndarray, diverged: np.ndarray,
                 f"λ̂ = {llc:.3g} < 0: the chains find lower loss near w*, so w* is not a "
                 "local minimum; pass gradient_correction=True (or 'auto') for points that "
                 "are not minima")))
+    if gradient_pull is not None:
+        issues.append(Issue("not_a_critical_point", (
+            f"∇L_n(w*) is real (T = {gradient_ratio:.3g} above its noise threshold) and pulls "
+            f"the plain estimate by about {gradient_pull:.3g} nats at this nβ and γ: w* is not "
+            "a critical point, so λ̂ here is not the learning coefficient of a minimum; pass "
+            "gradient_correction=True to remove the linear term, or estimate at a settled "
+            "point")))
     settled_issue = (math.isfinite(drift) and abs(drift) > DRIFT_LIMIT
                      and abs(drift) > 2 * drift_sem)
     if settled_issue:

@@ -55,10 +55,12 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
               "gradient_correction_setting": settings.gradient_correction,
               "gradient_correction_note": correction_note,
               **point.gradient_summary(nbeta, sampler.localization)}
+    distorting = point.distorting_pull(nbeta, sampler.localization) if not corrected else None
     accumulator = LLCAccumulator(settings.num_chains, settings.num_draws, nbeta,
                                  point.init_loss, reference_loss=point.reference_loss,
                                  max_excess_ratio=settings.max_excess_ratio,
-                                 corrected=corrected)
+                                 corrected=corrected, gradient_pull=distorting,
+                                 gradient_ratio=point.evidence.ratio if distorting else None)
     if settings.backend == "devinterp":
         if not source.in_memory:
             raise ValueError("the devinterp backend needs the data in memory; pass tensors "

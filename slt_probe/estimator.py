@@ -56,6 +56,9 @@ class LLCAccumulator:
         reference_loss: the best constant predictor's loss (for the excess ratio).
         max_excess_ratio: the locality limit of the verdict.
         corrected: whether draws carry the gradient correction g·(w_t − w*).
+        gradient_pull, gradient_ratio: where ∇L_n(w*) is real and not corrected, its pull
+            on the plain estimate (nats) and noise ratio; the verdict then says w* is not
+            a critical point.
 
     Raises:
         RuntimeError: from ``compute``, when every chain diverged.
@@ -70,8 +73,11 @@ class LLCAccumulator:
 
     def __init__(self, num_chains: int, num_draws: int, nbeta: float, init_loss: float, *,
                  reference_loss: float | None = None, max_excess_ratio: float = 0.25,
-                 corrected: bool = False):
+                 corrected: bool = False, gradient_pull: float | None = None,
+                 gradient_ratio: float | None = None):
         self.nbeta = nbeta
+        self.gradient_pull = gradient_pull
+        self.gradient_ratio = gradient_ratio
         self.init_loss = init_loss
         self.reference_loss = reference_loss
         self.max_excess_ratio = max_excess_ratio
@@ -118,7 +124,9 @@ class LLCAccumulator:
         acceptance = np.stack(self.acceptance) if self.acceptance else None
         diagnostics = diagnose(llc_trace, loss - reference, ~alive, diverged_at, acceptance,
                                init_loss=self.init_loss, reference_loss=self.reference_loss,
-                               max_excess_ratio=self.max_excess_ratio, corrected=self.corrected)
+                               max_excess_ratio=self.max_excess_ratio, corrected=self.corrected,
+                               gradient_pull=self.gradient_pull,
+                               gradient_ratio=self.gradient_ratio)
         mean = float(kept.mean())
         std = float(kept.std(ddof=1)) if len(kept) > 1 else float("nan")
         return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, loss_trace=loss,

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .batched_model import BatchedModel
-from .gradient_evidence import GRADIENT_SUMMARY_KEYS, GradientEvidence, measure_gradient
+from .gradient_evidence import (
+    GRADIENT_SUMMARY_KEYS,
+    PULL_THRESHOLD,
+    GradientEvidence,
+    measure_gradient,
+)
 from .losses import ReferenceStats, check_output_and_targets, constant_predictor_loss
 
 
@@ -37,9 +42,17 @@ class Point:
 
     def correction_applies(self, setting, nbeta: float, localization: float) -> bool:
         """Whether ``gradient_correction=setting`` corrects here at this nβ and γ."""
-        if self.evidence is None:  # measured unless the setting is False
+        if self.evidence is None:  # a Point built by hand
             return False
         return self.evidence.applies(setting, nbeta, localization)
+
+    def distorting_pull(self, nbeta: float, localization: float) -> float | None:
+        """The pull of a real gradient on the plain estimate where it exceeds the
+        threshold (w* is then not a critical point at this resolution), else None."""
+        if self.evidence is None or not self.evidence.significant:
+            return None
+        pull = self.evidence.pull(nbeta, localization)
+        return pull if pull > PULL_THRESHOLD else None
 
     def gradient_summary(self, nbeta: float, localization: float) -> dict:
         """The evidence the correction decision rests on (None where not measured)."""
@@ -49,10 +62,9 @@ class Point:
 
 
 def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Point:
-    """Losses at w*, L_ref and (unless the correction is off) ∇L_n(w*) with its evidence,
-    with one pass over streamed data (two with the gradient, more with its curvature)."""
+    """Losses at w*, L_ref and ∇L_n(w*) with its evidence, with two passes over streamed
+    data (more with the curvature along a significant gradient)."""
     mask = model.layout.mask(settings.restrict_to)
-    want_gradient = settings.gradient_correction is not False
     first_x, first_y = next(iter(source.chunks(2)))
     first_x = model.inputs(first_x)
     sample = model.output_sample(w_star, first_x)
@@ -77,9 +89,10 @@ def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Poin
         reference = settings.reference_loss
     if not math.isfinite(init_loss):
         raise ValueError("the loss at the given model is NaN or inf; check the model and data")
-    evidence = (measure_gradient(model, w_star, source, mask, seed=settings.seed,
-                                 curvature=settings.gradient_correction == "auto")
-                if want_gradient else None)
+    # measured whatever the setting: a plain estimate at a point with a real gradient is
+    # reported as not at a critical point (the curvature says how far it is pulled)
+    evidence = measure_gradient(model, w_star, source, mask, seed=settings.seed,
+                                curvature=settings.gradient_correction is not True)
     return Point(w_star=w_star, init_loss=init_loss, num_examples=source.n,
                  reference_loss=reference, evidence=evidence, mask=mask,
                  star_losses=star_losses)

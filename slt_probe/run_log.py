@@ -279,5 +279,8 @@ def row_from_result(result, seconds: float) -> dict:
             "num_diverged": d["num_diverged"], "sampler": sampler.get("type"),
             "lr": sampler.get("lr"), "localization": sampler.get("localization"),
             "nbeta": result.nbeta, "gradient_correction": c.get("gradient_correction"),
+            "gradient_noise_ratio": finite(c.get("gradient_noise_ratio")),
+            "gradient_pull": c.get("gradient_pull"),
+            "critical_point": "not_a_critical_point" not in d.get("reasons", []),
             "num_chains": c.get("num_chains"), "num_draws": c.get("num_draws"),
             "seconds": seconds}

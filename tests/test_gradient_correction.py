@@ -46,6 +46,7 @@ def test_corrected_estimator_reads_the_regular_value_away_from_the_minimum():
     assert corrected.llc_mean == pytest.approx(expected, abs=3 * corrected.llc_sem)
     assert plain.llc_mean < -100  # slides down to the minimum: −nβ(L(w*) − L_min) and worse
     assert "not_a_minimum" in plain.diagnostics["reasons"]
+    assert "not_a_critical_point" in plain.diagnostics["reasons"]
     assert corrected.diagnostics["healthy"], corrected.diagnostics["warnings"]
 
 
@@ -196,3 +197,23 @@ def test_hessian_vector_products_match_autograd_and_the_difference_fallback(tiny
     difference = (batched.full_gradient(w + step * v, x.double(), y)
                   - batched.full_gradient(w - step * v, x.double(), y)) / (2 * step)
     assert torch.allclose(difference, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_a_held_plain_estimator_flags_the_points_where_the_gradient_pulls_it(tmp_path):
+    p, minimum = _displaced(0.3)
+    displaced = p.model.weight.detach().clone()
+    with torch.no_grad():
+        p.model.weight.copy_(minimum)
+    probe = LLCProbe(p.model, (p.x, p.y), loss_fn="gaussian_nll",
+                     sampler=SGLD(lr=2e-5, localization=1.0), every=None, steps=[0, 1],
+                     num_chains=2, num_draws=5, batch_size=500, log_dir=tmp_path,
+                     verbose=False)
+    at_minimum = probe.estimate(0)  # plain, decided here and held
+    with torch.no_grad():
+        p.model.weight.copy_(displaced)
+    off = probe.estimate(1)  # plain too (one estimator per curve), and flagged
+    probe.detach()
+    assert at_minimum["gradient_correction"] is False and off["gradient_correction"] is False
+    assert at_minimum["critical_point"] is True
+    assert off["critical_point"] is False and off["gradient_pull"] > 100
+    assert "not_a_critical_point" in off["reasons"] and off["healthy"] is False

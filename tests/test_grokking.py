@@ -158,17 +158,19 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
 
 def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
 
-    kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False)
+    kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False,
+                  regimes=("local", "local-x10", "notebook"))
     rows = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
     assert [(r["activation"], r["regime"]) for r in rows] == [
-        ("relu", "local"), ("relu", "notebook"), ("tanh", "local"), ("tanh", "notebook")]
+        ("relu", "local"), ("relu", "local-x10"), ("relu", "notebook"),
+        ("tanh", "local"), ("tanh", "local-x10"), ("tanh", "notebook")]
     for row in rows:
         for key in ("llc_init", "llc_peak", "llc_final", "final_test_acc", "disagreement",
                     "prediction_variance", "init_mean_frequency", "init_lz"):
             assert row[key] is not None and math.isfinite(row[key]), key
         assert row["num_runs"] == 2
     summary = read_rows(tmp_path / "summary.csv")
-    assert len(summary) == 4 and (tmp_path / "trajectories_local.png").exists()
+    assert len(summary) == 6 and (tmp_path / "trajectories_local.png").exists()
     assert json.loads((tmp_path / "notebook_sampler.json").read_text())["lr"] == \
         _tiny_config().llc.lr
     # one calibration for every run of the local regime: the first run's
@@ -179,6 +181,9 @@ def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
         for seed in (0, 1):
             local = read_rows(tmp_path / act / f"seed{seed}" / "local" / "llc.csv")
             assert {r["localization"] for r in local if r["llc_mean"] is not None} == {gamma}
+            coarse = read_rows(tmp_path / act / f"seed{seed}" / "local-x10" / "llc.csv")
+            assert [r["localization"] for r in coarse if r["llc_mean"] is not None] == \
+                pytest.approx([10 * gamma] * len([r for r in coarse if r["llc_mean"] is not None]))
 
     def must_not_train(*args, **kw):
         raise AssertionError("a finished run was recomputed")

@@ -35,20 +35,23 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
     """LLC at init, peak and end; when train/test accuracy cross 50 %/90 %/100 %; and
     whether λ̂ falls after its peak, read from a run's rows.
 
-    The peak and the fall after grokking are read from the estimates whose chains were not
-    found to leave w* (``local`` true, or not assessable as at initialisation): an
-    estimate that is not local is counted (``not_local_points``), never taken as the peak.
+    The peak and the fall after grokking are read from the trusted estimates: chains not
+    found to leave w* (``local`` true, or not assessable as at initialisation) at a w*
+    whose gradient does not pull the plain estimate (``critical_point``). The others are
+    counted (``not_local_points``, ``not_critical_points``), never taken as the peak.
     """
     llc_rows = [r for r in rows if r.get("llc_mean") is not None]
     if not llc_rows:
         raise ValueError("no rows with an LLC estimate")
-    trusted = [r for r in llc_rows if r.get("local") is not False]
+    trusted = [r for r in llc_rows
+               if r.get("local") is not False and r.get("critical_point") is not False]
     peak = max(trusted or llc_rows, key=lambda r: r["llc_mean"])
     final, init = llc_rows[-1], llc_rows[0]
     metric_rows = [r for r in rows if r.get("test_acc") is not None]
     grok = _first_step(metric_rows, "test_acc", grok_accuracy)
     summary = {
         "llc_init": init["llc_mean"], "llc_init_std": init["llc_std"],
+        "llc_init_trusted": init in trusted,
         "llc_peak": peak["llc_mean"], "llc_peak_std": peak["llc_std"], "llc_peak_step": peak["step"],
         "llc_peak_local": bool(trusted),
         "llc_final": final["llc_mean"], "llc_final_std": final["llc_std"],
@@ -65,6 +68,7 @@ def summarize(rows: list[dict], *, wall_seconds: float | None = None,
         "num_llc_points": len(llc_rows),
         "unhealthy_points": sum(1 for r in llc_rows if r.get("healthy") is False),
         "not_local_points": sum(1 for r in llc_rows if r.get("local") is False),
+        "not_critical_points": sum(1 for r in llc_rows if r.get("critical_point") is False),
         "max_excess_ratio": max((r["excess_ratio"] for r in llc_rows
                                  if r.get("excess_ratio") is not None), default=None),
         "llc_init_excess_ratio": init.get("excess_ratio"),
@@ -178,7 +182,8 @@ def claims(summary: dict, series: str = "llc") -> dict:
         return {"small_at_init": None, "rises": None, "falls": None, "fall": None}
     fall = (peak - final) / abs(peak) if peak else None
     grokked = summary.get("grok_step") is not None
-    return {"small_at_init": init <= SMALL_AT_INIT * peak,
+    return {"small_at_init": (init <= SMALL_AT_INIT * peak
+                              if summary.get("llc_init_trusted", True) else None),
             "rises": peak >= RISE_FACTOR * init and bool(summary.get("peak_before_grok", True)),
             "falls": (grokked and fall is not None and fall >= MIN_FALL) if grokked else None,
             "fall": fall}
