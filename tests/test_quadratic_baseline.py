@@ -39,7 +39,7 @@ def test_at_a_teacher_it_is_the_curvature_part_without_the_gradient_pull():
     assert with_pull < curvature_only
 
 
-@pytest.mark.parametrize("gamma", [10.0, 3e3])
+@pytest.mark.parametrize("gamma", [10.0, 1e4])
 def test_hutchinson_lands_within_its_standard_error_and_two_percent(gamma):
     p = _settled(16, 2, 14)
     exact = quadratic_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", localization=gamma,
@@ -51,7 +51,12 @@ def test_hutchinson_lands_within_its_standard_error_and_two_percent(gamma):
     assert stochastic.standard_error > 0
     assert abs(stochastic.value - exact.value) < 4 * stochastic.standard_error + 1e-6
     assert stochastic.value == pytest.approx(exact.value, rel=0.02)
-    assert stochastic.min_eigenvalue == pytest.approx(float(exact.eigenvalues.min()), rel=1e-2)
+    top = float(abs(exact.eigenvalues).max())
+    if stochastic.nbeta * top < gamma:  # bounded by the norm alone: the cheap certificate
+        assert stochastic.min_eigenvalue is None and stochastic.bounded
+    else:
+        assert stochastic.min_eigenvalue == pytest.approx(float(exact.eigenvalues.min()),
+                                                          rel=1e-2)
 
 
 class _TwoLinear(nn.Module):

@@ -91,7 +91,7 @@ def estimate_regime(config: GrokkingConfig, run: TrainedRun, act: str, seed: int
     for row in trajectory.rows:
         by_step.setdefault(row["step"], {}).update(row)
     rows = [by_step[s] for s in sorted(by_step)]
-    if regime in BASELINE_REGIMES:
+    if regime in BASELINE_REGIMES and config.quadratic_baseline:
         add_quadratic_baseline(rows, build_model(config, act, seed), run.checkpoints, data,
                                config.loss, out=out, verbose=verbose)
     manifest = trajectory.manifest()
