@@ -27,8 +27,8 @@ from slt_probe.ground_truth import problems
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
 
-HEADER = ["truth", "d", "n", "γ", "λ (large n)", "exact E[λ̂]", "quadratic baseline",
-          "λ̂ ± s.e.", "λ̂ − baseline", "ε", "steps", "s"]
+HEADER = ["truth", "d", "n", "γ", "λ (large n)", "exact E[λ̂] (linear model)",
+          "quadratic baseline", "h_min", "λ̂ ± s.e.", "λ̂ − baseline", "ε", "steps", "s"]
 CASES = [
     ("regular d=15, 5→3", lambda: problems.regular(5, 3, 20_000, seed=21)),
     ("regular d=24", lambda: problems.regular(24, 1, 20_000, seed=22)),
@@ -58,10 +58,14 @@ def run_case(name, make, gamma):
                                    num_chains=8, num_draws=draws,
                                    num_burnin=burnin, batch_size=1_000, verbose=False,
                                    gradient_correction=False)
-    expected = p.expected_llc(nbeta=q.nbeta, localization=gamma)
+    linear = isinstance(p.model, torch.nn.Linear)
+    expected = p.expected_llc(nbeta=q.nbeta, localization=gamma) if linear else None
+    baseline = (f"{q.value:.3f}" if q.bounded else
+                f"unbounded (nβh_min + γ = {q.nbeta * q.min_eigenvalue + gamma:.3g})")
+    gap = f"{r.llc_mean - q.value:+.3f}" if q.bounded else "—"
     return [name, p.num_params, len(p.y), f"{gamma:g}", f"{float(p.true_lambda):.3g}",
-            "—" if expected is None else f"{expected:.3f}", f"{q.value:.3f}",
-            f"{r.llc_mean:.3f} ± {r.llc_sem:.3f}", f"{r.llc_mean - q.value:+.3f}",
+            "—" if expected is None else f"{expected:.3f}", baseline,
+            f"{q.min_eigenvalue:.2g}", f"{r.llc_mean:.3f} ± {r.llc_sem:.3f}", gap,
             f"{lr:.2e}", f"{burnin} + {draws}", f"{time.perf_counter() - started:.0f}"]
 
 

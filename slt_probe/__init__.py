@@ -2,8 +2,9 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import estimate_llc
-from .calibration import Calibration, CalibrationGrid, calibrate
-from .estimator import LLCAccumulator, LLCResult, llc_from_losses
+from .calibration import Calibration, CalibrationError, CalibrationGrid, calibrate
+from .diagnostics import ess_bulk, ess_tail, excess_ratio, rank_rhat
+from .estimator import DrawRecord, LLCAccumulator, LLCResult, llc_from_losses
 from .probe import LLCProbe, llc_trajectory, log_spaced_steps
 from .quadratic_baseline import QuadraticLLC, quadratic_llc
 from .reports import plot_calibration, plot_trace, plot_trajectory
@@ -18,4 +19,6 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = ["estimate_llc", "EstimateSettings", "default_nbeta", "LLCResult", "LLCAccumulator",
            "llc_from_losses", "SGLD", "RMSPropSGLD", "SGNHT", "Sampler", "SamplerState",
            "LLCProbe", "llc_trajectory", "log_spaced_steps", "plot_trajectory", "plot_trace",
-           "plot_calibration", "quadratic_llc", "QuadraticLLC", "calibrate", "Calibration", "CalibrationGrid", "__version__"]
+           "plot_calibration", "quadratic_llc", "QuadraticLLC", "calibrate", "Calibration",
+           "CalibrationError", "CalibrationGrid", "DrawRecord", "rank_rhat", "ess_bulk",
+           "ess_tail", "excess_ratio", "__version__"]

@@ -257,9 +257,3 @@ def _map(dataset, collate, stream, label_key):
     # seed from the global RNG).
     parts = list(source.chunks())
     return TensorSource(_cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-
-
-def as_tensors(data) -> tuple:
-    """``(x, y)`` in memory for a tuple, a Dataset or a DataLoader over a map-style dataset."""
-    source = as_source(data, stream=False)
-    return source.x, source.y
