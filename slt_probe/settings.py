@@ -208,8 +208,9 @@ class EstimateSettings:
 
     def to_dict(self) -> dict:
         restrict = self.restrict_to
-        if isinstance(restrict, dict):
-            restrict = sorted(restrict)
+        if isinstance(restrict, dict):  # masks: how many weights of each parameter
+            restrict = {name: int(torch.as_tensor(mask).bool().sum())
+                        for name, mask in sorted(restrict.items())}
         elif restrict is not None:
             restrict = sorted(restrict)
         return {"sampler": self.sampler if self.auto else self.sampler.to_dict(),
