@@ -13,8 +13,8 @@ from .settings import EstimateSettings, resolve_settings
 
 
 def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = None, *,
-                 loss_fn="cross_entropy", output=None, verbose: bool = True,
-                 **overrides) -> LLCResult:
+                 loss_fn="cross_entropy", output=None, label_key: str | None = None,
+                 verbose: bool = True, **overrides) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
 
     λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior
@@ -32,6 +32,8 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
         output: which part of the model's output is the prediction when it is not a
             tensor: an index, a key or a callable (default: a dict's or Hugging Face
             ``ModelOutput``'s ``"logits"``, a tuple's first element).
+        label_key: for a dataset of dicts, the field holding the targets (default
+            ``"labels"`` or ``"label"``, whichever is there).
         verbose: show a progress bar.
         **overrides: fields of ``EstimateSettings`` (``sampler=``, ``num_chains=``, …),
             the short form of ``settings``.
@@ -60,7 +62,7 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     """
     settings = resolve_settings(settings, overrides)
     loss = resolve_loss(loss_fn)
-    source = as_source(data, stream=settings.stream)
+    source = as_source(data, stream=settings.stream, label_key=label_key)
     batched = BatchedModel.for_settings(model, loss, settings, output=output)
     w_star = batched.flatten(model)
     calibration = None

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from slt_probe.ground_truth import problems as known_models
@@ -31,3 +32,21 @@ def tiny_classifier():
     x = torch.randn(300, 4)
     y = torch.randint(0, 3, (300,))
     return model, x, y
+
+
+@pytest.fixture
+def assert_drawn():
+    """Checks that a PNG decodes to an image with drawn content (not blank, not one colour
+    filling most of it) of at least the given size."""
+    from matplotlib.image import imread
+
+    def check(path, min_width: int = 300, min_height: int = 200) -> None:
+        image = imread(path)
+        height, width = image.shape[:2]
+        assert width >= min_width and height >= min_height, (width, height)
+        pixels = image[..., :3].reshape(-1, 3)
+        background = (pixels > 0.98).all(axis=1).mean()
+        assert 0.02 < 1 - background, f"{path} is blank"
+        assert len(np.unique(pixels.round(2), axis=0)) > 10, f"{path} has almost no colours"
+
+    return check

@@ -247,3 +247,59 @@ def test_warmup_runs_its_steps_at_the_warmup_step_size(regular_problem):
                        **common)
     cold = estimate_llc(p.model, (p.x, p.y), num_burnin=30, **common)
     assert hot.llc_trace[:, :5].mean() > 3 * cold.llc_trace[:, :5].mean()
+
+
+def test_plain_estimator_agrees_with_the_control_variate_and_is_noisier(regular_problem):
+    p = regular_problem
+    common = dict(loss_fn=p.loss_fn, sampler=SGLD(lr=3e-5, localization=1.0), num_chains=4,
+                  num_draws=600, num_burnin=300, batch_size=100, seed=1, verbose=False)
+    plain = estimate_llc(p.model, (p.x, p.y), estimator="plain", **common)
+    cv = estimate_llc(p.model, (p.x, p.y), **common)
+    assert plain.config["estimator"] == "plain"
+    assert abs(plain.llc_mean - cv.llc_mean) < 3 * (plain.llc_sem + cv.llc_sem)
+    # the control variate removes the minibatch's own loss level from every draw
+    assert np.std(plain.llc_trace) > 3 * np.std(cv.llc_trace)
+
+
+def test_reference_loss_sets_the_excess_ratios_denominator(tiny_classifier):
+    model, x, y = tiny_classifier
+    common = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=2, num_draws=50,
+                  verbose=False)
+    default = estimate_llc(model, (x, y), **common)
+    reference = default.init_loss + 10.0
+    given = estimate_llc(model, (x, y), reference_loss=reference, **common)
+    excess = given.diagnostics["mean_sampled_loss"] - given.init_loss
+    assert given.diagnostics["constant_predictor_loss"] == reference
+    assert given.diagnostics["excess_ratio"] == pytest.approx(excess / 10.0)
+    assert given.llc_mean == default.llc_mean  # the estimate itself does not depend on it
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "target": self.y[i]}
+
+
+def test_label_key_names_the_target_field_of_a_dict_dataset(tiny_classifier):
+    model, x, y = tiny_classifier
+
+    class Reader(torch.nn.Module):  # the dict's other fields arrive as keyword arguments
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, features):
+            return self.net(features)
+
+    common = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=2, num_draws=30,
+                  seed=3, verbose=False)
+    with pytest.raises(ValueError, match="label_key"):
+        estimate_llc(Reader(), _Dicts(x, y), **common)
+    from_dicts = estimate_llc(Reader(), _Dicts(x, y), label_key="target", **common)
+    from_tuple = estimate_llc(model, (x, y), **common)
+    assert from_dicts.llc_mean == pytest.approx(from_tuple.llc_mean, rel=1e-5)

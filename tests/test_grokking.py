@@ -137,8 +137,11 @@ def test_transformer_starts_from_nandas_initialisation():
 
 
 def test_cli_grokking_rejects_unknown_setup(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["grokking", "--setup", "nope"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "--setup" in error and "nope" in error
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -68,16 +70,25 @@ def test_rmsprop_first_step_matches_formula():
     torch.testing.assert_close(out.w, expected)
 
 
-def test_sgnht_thermostat_tracks_kinetic_energy():
-    sampler = SGNHT(lr=0.01, diffusion_factor=0.01)
-    w_star = torch.zeros(2, 50)
-    state = sampler.init(w_star, torch.Generator().manual_seed(0), None)
-    out = sampler.step(state, torch.zeros_like(w_star), torch.zeros_like(w_star), w_star=w_star,
-                       nbeta=1.0)
-    momentum = state.aux["momentum"] * (1 - 0.01)
-    torch.testing.assert_close(out.w, momentum)
-    expected = 0.01 + momentum.square().mean(dim=1, keepdim=True) - 0.01
-    torch.testing.assert_close(out.aux["thermostat"], expected)
+def test_sgnht_step_follows_the_nose_hoover_update_with_distinct_coefficients():
+    # lr, diffusion factor, nβ, γ all different, so swapping any two changes the result
+    lr, diffusion, nbeta, gamma = 0.02, 0.005, 3.0, 0.7
+    sampler = SGNHT(lr=lr, diffusion_factor=diffusion, localization=gamma)
+    g = torch.Generator().manual_seed(0)
+    w_star = torch.randn(2, 50, generator=g)
+    state = sampler.init(w_star, torch.Generator().manual_seed(1), None)
+    state = replace(state, w=w_star + 0.1 * torch.randn(2, 50, generator=g))
+    grad, noise = torch.randn(2, 50, generator=g), torch.randn(2, 50, generator=g)
+    out = sampler.step(state, grad, noise, w_star=w_star, nbeta=nbeta)
+    m, xi = state.aux["momentum"], state.aux["thermostat"]
+    assert torch.equal(xi, torch.full((2, 1), diffusion))  # the thermostat starts at A
+    force = nbeta * grad + gamma * (state.w - w_star)
+    momentum = m - lr * force - xi * m + (2 * lr * diffusion) ** 0.5 * noise
+    torch.testing.assert_close(out.aux["momentum"], momentum)
+    torch.testing.assert_close(out.w, state.w + momentum)
+    torch.testing.assert_close(out.aux["thermostat"],
+                               xi + momentum.square().mean(dim=1, keepdim=True) - lr)
+    assert float(m.std()) == pytest.approx(lr ** 0.5, rel=0.15)  # initial momentum ~ N(0, ε)
 
 
 def test_batched_chains_equal_a_per_chain_loop(tiny_classifier):
