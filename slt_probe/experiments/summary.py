@@ -12,6 +12,7 @@ import numpy as np
 
 from ..reports import markdown_table, mean_pm_std, plot_grokking, plot_resolutions
 from ..run_log import CSV_NAME, read_rows, write_json_atomic
+from .presets import REGIMES
 
 SUMMARY_NAME = "summary.json"
 PLOT_NAME = "trajectory.png"
@@ -136,7 +137,8 @@ def report(root: str | Path, replot: bool = False) -> str:
     table = []
     for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         regimes = sorted({p.name for p in setup_dir.glob("seed*/*") if p.is_dir()
-                          and (p / SUMMARY_NAME).exists()})
+                          and (p / SUMMARY_NAME).exists()},
+                         key=lambda r: (REGIMES.index(r) if r in REGIMES else len(REGIMES), r))
         for regime in regimes:
             folders = sorted(setup_dir.glob(f"seed*/{regime}"))
             runs = [load_run(d) for d in folders]
