@@ -95,6 +95,8 @@ def estimate_regime(config: GrokkingConfig, run: TrainedRun, act: str, seed: int
         add_quadratic_baseline(rows, build_model(config, act, seed), run.checkpoints, data,
                                config.loss, out=out, verbose=verbose)
     manifest = trajectory.manifest()
+    if calibration is not None and manifest["calibration"] is None:
+        manifest["calibration"] = calibration.to_dict()  # held from elsewhere: say which
     summary = summarize(rows, grok_accuracy=config.grok_accuracy)
     summary.update(regime=regime, calibrated_on_step=(reference if settings.auto else None),
                    train_seconds=run.seconds, calibration=manifest["calibration"],
