@@ -7,7 +7,8 @@ possible λ) are parked at w* and reported. Not here: the LLC arithmetic.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,18 +27,44 @@ DIVERGENCE_FACTOR = 1000.0
 MALA_SAMPLES = 10
 
 
+@dataclass(frozen=True)
+class ChainGroup:
+    """Chains of one restriction in a run shared with others: its point (and mask), whether
+    its gradient is corrected, and its own random stream (minibatches and noise), so it
+    draws exactly what a run of its own at the same seed would."""
+
+    point: Point
+    corrected: bool
+    generator: torch.Generator
+
+
 class ChainDriver:
     """Chains at one sampler over ``source`` (a ``data`` source) around ``point``.
 
     The control variate's L_b(w*) is read from the point's per-example losses for data in
     memory, and computed beside the chains (w* evaluated on each chain's batch in one
     batched call) for streamed data. ``corrected`` samples L(w) − g·(w − w*).
+
+    ``groups`` (instead of ``point``, ``corrected`` and ``generator``): several weight
+    restrictions at one w*, ``num_chains`` chains each, advanced in one batched
+    computation; group k's chains are rows k·num_chains … (k + 1)·num_chains − 1, each
+    group with its own mask, correction and random stream.
     """
 
     def __init__(self, model: BatchedModel, source, *, sampler: Sampler, nbeta: float,
-                 point: Point, num_chains: int, batch_size: int, estimator: str,
-                 loss_on: str, generator: torch.Generator, corrected: bool = False,
-                 noise_substeps: int | None = None):
+                 point: Point | None = None, num_chains: int, batch_size: int,
+                 estimator: str, loss_on: str, generator: torch.Generator | None = None,
+                 corrected: bool = False, noise_substeps: int | None = None,
+                 groups: Sequence[ChainGroup] | None = None):
+        if groups is None:
+            groups = [ChainGroup(point, corrected, generator)]
+        elif noise_substeps is not None or sampler.name == "sgnht":
+            raise ValueError("chains of several restrictions share a run only with SGLD or "
+                             "RMSProp-SGLD and independent noise")
+        self.groups = list(groups)
+        self.per_group = num_chains
+        num_chains = num_chains * len(self.groups)
+        point, generator = self.groups[0].point, self.groups[0].generator
         self.model = model
         self.source = source
         self.sampler = sampler
@@ -46,7 +73,7 @@ class ChainDriver:
         self.w_star = point.w_star.unsqueeze(0).expand(num_chains, -1)
         self.star_losses = point.star_losses
         self.init_loss = point.init_loss
-        self.mask = mask = point.mask
+        self.mask = mask = self._stacked([g.point.mask for g in self.groups])
         self.batch_size = min(batch_size, source.n)
         self.estimator = estimator
         self.loss_on = loss_on
@@ -62,14 +89,41 @@ class ChainDriver:
         # g = ∇L_n(w*) when the first-order correction is on: chains then sample
         # L(w) − g·(w − w*), whose gradient is ∇L(w) − g.
         self.gradient = None
-        if corrected:
-            self.gradient = point.gradient.to(model.device, model.dtype)
+        if any(g.corrected for g in self.groups):
+            zero = torch.zeros(model.dim, device=model.device, dtype=model.dtype)
+            self.gradient = self._stacked([
+                g.point.gradient.to(model.device, model.dtype) if g.corrected else zero
+                for g in self.groups])
             if mask is not None:
                 self.gradient = self.gradient * mask
-        active = int(mask.sum()) if mask is not None else model.dim
-        self.divergence_threshold = DIVERGENCE_FACTOR * max(active, 1)
+        active = (mask.sum(dim=-1) if mask is not None
+                  else torch.full((num_chains,), float(model.dim), device=model.device))
+        self.divergence_threshold = DIVERGENCE_FACTOR * active.clamp_min(1).double()
         self.diverged = np.zeros(num_chains, dtype=bool)
         self.diverged_at: list[int | None] = [None] * num_chains
+
+    def _stacked(self, rows: list[Tensor | None]) -> Tensor | None:
+        """Per-group vectors (d,) as per-chain rows (chains, d); one group's stays (d,)."""
+        if all(r is None for r in rows):
+            return None
+        if len(rows) == 1:
+            return rows[0]
+        ones = torch.ones(self.model.dim, device=self.model.device, dtype=self.model.dtype)
+        full = [ones if r is None else r.to(self.model.device, self.model.dtype) for r in rows]
+        return torch.stack(full).repeat_interleave(self.per_group, dim=0)
+
+    def _batches(self, device) -> Iterator[tuple]:
+        streams = [self.source.batches(self.per_group, self.batch_size, g.generator, device)
+                   for g in self.groups]
+        if len(streams) == 1:
+            yield from streams[0]
+        while True:
+            parts = [next(stream) for stream in streams]
+            x = parts[0][0]
+            xs = [p[0] for p in parts]
+            joined = ({k: torch.cat([v[k] for v in xs]) for k in x} if isinstance(x, dict)
+                      else torch.cat(xs))
+            yield joined, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
     def run(self, num_draws: int, num_burnin: int = 0, *, num_warmup: int = 0,
             warmup_sampler: Sampler | None = None, start: Tensor | None = None,
@@ -85,7 +139,7 @@ class ChainDriver:
         chains, device = self.num_chains, self.model.device
         if num_warmup and warmup_sampler is None:
             raise ValueError("num_warmup > 0 needs a warmup_sampler")
-        batches = self.source.batches(chains, self.batch_size, self.generator, device)
+        batches = self._batches(device)
         first = self.w_star.contiguous() if start is None else start.clone()
         if first.shape != self.w_star.shape:
             raise ValueError(f"start must have shape {tuple(self.w_star.shape)} (chains × d), "
@@ -142,6 +196,12 @@ class ChainDriver:
                 bar.update(1)
 
     def _draw_noise(self, noise: Tensor) -> None:
+        if len(self.groups) > 1:
+            for k, group in enumerate(self.groups):
+                rows = noise[k * self.per_group:(k + 1) * self.per_group]
+                rows.copy_(torch.randn(rows.shape, generator=group.generator,
+                                       device=rows.device, dtype=rows.dtype))
+            return
         torch.randn(noise.shape, generator=self.noise_generator, out=noise)
         substeps = self.noise_substeps or 1
         for _ in range(substeps - 1):
@@ -161,7 +221,7 @@ class ChainDriver:
         """g·(w − w*) per chain (None without the gradient correction)."""
         if self.gradient is None:
             return None
-        return ((w - self.w_star) @ self.gradient).double().cpu().numpy()
+        return _rowwise_dot(w - self.w_star, self.gradient).double().cpu().numpy()
 
     def _mala_acceptance(self, pending, w_new: Tensor, losses: Tensor, grads: Tensor,
                          xb: Tensor, yb: Tensor) -> np.ndarray:
@@ -174,7 +234,7 @@ class ChainDriver:
         w_old, noise_sq = pending
         loss_change = losses.double() - self.model.losses(w_old, xb, yb).double()
         if self.gradient is not None:  # the corrected potential is what the chains sample
-            loss_change -= ((w_new - w_old) @ self.gradient).double()
+            loss_change -= _rowwise_dot(w_new - w_old, self.gradient).double()
         log_alpha = self.sampler.log_acceptance(w_old, w_new, noise_sq, grads, loss_change,
                                                 w_star=self.w_star, nbeta=self.nbeta)
         accept = torch.exp(torch.clamp(log_alpha, max=0.0)).cpu().numpy()
@@ -198,3 +258,8 @@ class ChainDriver:
         for value in state.aux.values():
             if value.dim() >= 1 and value.shape[0] == self.num_chains and value.dtype.is_floating_point:
                 value[dead] = 0.0
+
+
+def _rowwise_dot(rows: Tensor, vectors: Tensor) -> Tensor:
+    """Per-chain dot products with one vector (d,) or one vector per chain (chains, d)."""
+    return rows @ vectors if vectors.dim() == 1 else (rows * vectors).sum(dim=1)

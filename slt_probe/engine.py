@@ -44,23 +44,9 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
         correction_note = ("the devinterp backend cannot apply the gradient correction; the "
                            "plain loss was sampled")
     mask = point.mask
-    config = {**settings.to_dict(), "num_examples": n, "nbeta": nbeta,
-              "nbeta_source": nbeta_source,
-              "num_params": model.dim,
-              "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,
-              "loss_fn": model.loss.name, "compiled": model.compiled,
-              "precision": model.precision, "device": str(model.device),
-              "data": "in memory" if source.in_memory else "streamed",
-              "gradient_correction": corrected,
-              "gradient_correction_setting": settings.gradient_correction,
-              "gradient_correction_note": correction_note,
-              **point.gradient_summary(nbeta, sampler.localization)}
-    distorting = point.distorting_pull(nbeta, sampler.localization) if not corrected else None
-    accumulator = LLCAccumulator(settings.num_chains, settings.num_draws, nbeta,
-                                 point.init_loss, reference_loss=point.reference_loss,
-                                 max_excess_ratio=settings.max_excess_ratio,
-                                 corrected=corrected, gradient_pull=distorting,
-                                 gradient_ratio=point.evidence.ratio if distorting else None)
+    config = estimate_config(model, source, settings, point, nbeta, nbeta_source, corrected,
+                             correction_note)
+    accumulator = point_accumulator(point, settings, nbeta, corrected)
     if settings.backend == "devinterp":
         if not source.in_memory:
             raise ValueError("the devinterp backend needs the data in memory; pass tensors "
@@ -86,3 +72,34 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
     config["compute_path_seconds_per_step"] = dict(model.path_timings)
     config["seconds"] = time.perf_counter() - started
     return accumulator.compute(diverged=diverged, diverged_at=diverged_at, config=config)
+
+
+def estimate_config(model: BatchedModel, source, settings: EstimateSettings, point: Point,
+                    nbeta: float, nbeta_source: str, corrected: bool,
+                    correction_note: str = "") -> dict:
+    """The ``config`` an estimate at ``point`` records before its chains run."""
+    mask = point.mask
+    return {**settings.to_dict(), "num_examples": source.n, "nbeta": nbeta,
+            "nbeta_source": nbeta_source,
+            "num_params": model.dim,
+            "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,
+            "loss_fn": model.loss.name, "compiled": model.compiled,
+            "precision": model.precision, "device": str(model.device),
+            "data": "in memory" if source.in_memory else "streamed",
+            "gradient_correction": corrected,
+            "gradient_correction_setting": settings.gradient_correction,
+            "gradient_correction_note": correction_note,
+            **point.gradient_summary(nbeta, settings.sampler.localization)}
+
+
+def point_accumulator(point: Point, settings: EstimateSettings, nbeta: float,
+                      corrected: bool) -> LLCAccumulator:
+    """The accumulator of an estimate at ``point``: its reference losses, and the pull of
+    a real gradient that was not corrected (the verdict then names it)."""
+    distorting = (point.distorting_pull(nbeta, settings.sampler.localization)
+                  if not corrected else None)
+    return LLCAccumulator(settings.num_chains, settings.num_draws, nbeta, point.init_loss,
+                          reference_loss=point.reference_loss,
+                          max_excess_ratio=settings.max_excess_ratio, corrected=corrected,
+                          gradient_pull=distorting,
+                          gradient_ratio=point.evidence.ratio if distorting else None)
