@@ -36,8 +36,10 @@ def test_short_modadd_run_memorises_and_its_llc_grows_in_both_regimes(tmp_path):
                      llc=replace(preset("modadd-mlp").llc, num_draws=80, num_burnin=100),
                      local=LocalLLC(num_draws=100))
     summaries = run_grokking("modadd-mlp", config=config, out=tmp_path, verbose=False,
-                             regimes=["local", "notebook"])
-    assert set(summaries) == {"local", "notebook"}
+                             regimes=["local-x3", "local", "notebook"])
+    assert list(summaries) == ["local-x3", "local", "notebook"]
+    _check_resolution(tmp_path)
+    del summaries["local-x3"]
     for regime, summary in summaries.items():
         rows = read_rows(tmp_path / regime / "llc.csv")
         llc = [r for r in rows if r["llc_mean"] is not None]
@@ -221,18 +223,22 @@ def test_example_built_from_parts_runs(tmp_path):
     assert "λ̂" in out.stdout and (tmp_path / "trajectory.png").exists()
 
 
-def test_resolution_regimes_scale_the_local_calibration_and_read_lower(tmp_path):
-    summaries = run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
-                             regimes=["local-x3", "local"], verbose=False)
-    assert list(summaries) == ["local-x3", "local"]
-    rows = {regime: [r for r in read_rows(tmp_path / regime / "llc.csv")
-                     if r["llc_mean"] is not None] for regime in summaries}
+def _check_resolution(folder):
+    """The local-x3 regime holds the local calibration at γ × 3 and ε / 3 and reads lower."""
+    rows = {regime: [r for r in read_rows(folder / regime / "llc.csv")
+                     if r["llc_mean"] is not None] for regime in ("local", "local-x3")}
     local, coarse = rows["local"][-1], rows["local-x3"][-1]
     assert coarse["localization"] == pytest.approx(3 * local["localization"])
     assert coarse["lr"] == pytest.approx(local["lr"] / 3)
     # a coarser resolution γ/nβ counts fewer directions, in λ̂ and in the quadratic baseline
     assert coarse["llc_mean"] < local["llc_mean"]
     assert coarse["quadratic_llc"] < local["quadratic_llc"]
+    manifest = json.loads((folder / "local-x3" / "manifest.json").read_text())
+    assert "γ × 3" in manifest["calibration"]["reason"]
+
+
+def test_a_resolution_regime_without_the_local_one_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="local"):
-        run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path / "alone",
+        run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
                      regimes=["local-x10"], verbose=False)
+    assert not (tmp_path / "metrics.csv").exists()

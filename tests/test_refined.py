@@ -22,7 +22,7 @@ def small_transformer():
 def test_restrictions_in_one_run_equal_their_own_runs(small_transformer, correction):
     model, data = small_transformer
     restrictions = {**attention_heads(model), "mlp": ["mlp_in", "mlp_out"]}
-    common = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=3, num_draws=40,
+    common = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=3, num_draws=20,
                   batch_size=32, seed=5, verbose=False, gradient_correction=correction)
     together = estimate_restricted(model, data, restrictions, **common)
     assert list(together) == list(restrictions)
