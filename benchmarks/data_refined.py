@@ -60,12 +60,12 @@ def main(argv=None) -> None:
         q = slt_probe.quadratic_llc(model, data, loss_fn=config.loss, nbeta=r.nbeta,
                                     localization=sampler.localization, method="hutchinson",
                                     num_probes=16, verbose=False)
-        rows.append([name, len(data[1]), f"{r.nbeta:.1f}", f"{r.init_loss:.4f}",
-                     f"{r.llc_mean:.4f} ± {r.llc_sem:.4f}", f"{q.value:.4f} ± {q.standard_error:.4f}",
+        rows.append([name, len(data[1]), f"{r.nbeta:.1f}", f"{r.init_loss:.3g}",
+                     f"{r.llc_mean:.3g} ± {r.llc_sem:.2g}", f"{q.value:.3g} ± {q.standard_error:.2g}",
                      f"{r.config['gradient_noise_ratio']:.3g}",
                      "yes" if r.diagnostics["healthy"] else ";".join(r.diagnostics["reasons"]),
                      f"{time.perf_counter() - started:.0f}"])
-        print(" | ".join(rows[-1]), flush=True)
+        print(" | ".join(map(str, rows[-1])), flush=True)
     command = "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
     text = ("# Data-refined λ̂ of the MNIST MLP\n\n"
             f"`{command.strip()}` (one thread; weights `{run / 'model.pt'}`; SGLD ε "
