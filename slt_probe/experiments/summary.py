@@ -184,9 +184,11 @@ def claims(summary: dict, series: str = "llc") -> dict:
         return {"small_at_init": None, "rises": None, "falls": None, "fall": None}
     fall = (peak - final) / abs(peak) if peak else None
     grokked = summary.get("grok_step") is not None
-    return {"small_at_init": (init <= SMALL_AT_INIT * peak
-                              if summary.get("llc_init_trusted", True) else None),
-            "rises": peak >= RISE_FACTOR * init and bool(summary.get("peak_before_grok", True)),
+    # λ̂ at an initialisation that is not a critical point is not assessed, nor a rise from it
+    assessable = summary.get("llc_init_trusted", True)
+    return {"small_at_init": init <= SMALL_AT_INIT * peak if assessable else None,
+            "rises": (peak >= RISE_FACTOR * init and bool(summary.get("peak_before_grok", True))
+                      if assessable else None),
             "falls": (grokked and fall is not None and fall >= MIN_FALL) if grokked else None,
             "fall": fall}
 
