@@ -242,3 +242,19 @@ def test_a_resolution_regime_without_the_local_one_is_refused_before_training(tm
         run_grokking("modadd-mlp", config=_tiny_config(), out=tmp_path,
                      regimes=["local-x10"], verbose=False)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_claims_read_a_rise_and_fall_and_skip_an_untrusted_initialisation():
+    from slt_probe.experiments.summary import claims
+
+    run = {"llc_init": 10.0, "llc_peak": 100.0, "llc_final": 40.0, "grok_step": 500,
+           "peak_before_grok": True, "llc_init_trusted": True}
+    assert claims(run) == {"small_at_init": True, "rises": True, "falls": True,
+                           "fall": pytest.approx(0.6)}
+    flat = {**run, "llc_init": 60.0, "llc_final": 90.0}
+    assert claims(flat) == {"small_at_init": False, "rises": False, "falls": False,
+                            "fall": pytest.approx(0.1)}
+    untrusted = {**run, "llc_init": -15000.0, "llc_init_trusted": False}
+    assert claims(untrusted)["small_at_init"] is None and claims(untrusted)["rises"] is None
+    assert claims({**run, "grok_step": None})["falls"] is None
+    assert claims(run, "quadratic")["fall"] is None  # no baseline columns in this run
