@@ -16,7 +16,7 @@ from slt_probe.experiments import compare, sweeps, training
 from slt_probe.experiments.grokking import run_grokking
 from slt_probe.experiments.presets import LocalLLC, build_model, preset
 from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
-from slt_probe.experiments.summary import summarize
+from slt_probe.experiments.summary import claims, summarize
 from slt_probe.models import ModAddTransformer
 from slt_probe.run_log import read_rows, write_csv_atomic
 
@@ -245,8 +245,6 @@ def test_a_resolution_regime_without_the_local_one_is_refused_before_training(tm
 
 
 def test_claims_read_a_rise_and_fall_and_skip_an_untrusted_initialisation():
-    from slt_probe.experiments.summary import claims
-
     run = {"llc_init": 10.0, "llc_peak": 100.0, "llc_final": 40.0, "grok_step": 500,
            "peak_before_grok": True, "llc_init_trusted": True}
     assert claims(run) == {"small_at_init": True, "rises": True, "falls": True,
