@@ -1,10 +1,12 @@
 """``estimate_llc``: one estimate of λ̂ at a model's current weights, from one call."""
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
+
+from torch import Tensor, nn
 
 from .batched_model import BatchedModel
-from .calibration import calibrate
+from .calibration import Calibration, calibrate
 from .data import as_source
 from .engine import run_estimate
 from .estimator import LLCResult
@@ -60,7 +62,35 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
         >>> 1.0 < r.llc_mean < 2.0   # a regular model with d = 3: λ = 3/2
         True
     """
-    settings = resolve_settings(settings, overrides)
+    prepared = prepare(model, data, resolve_settings(settings, overrides), loss_fn=loss_fn,
+                       output=output, label_key=label_key, verbose=verbose)
+    batched, w_star, source, settings = (prepared.batched, prepared.w_star, prepared.source,
+                                         prepared.settings)
+    calibration = prepared.calibration
+    result = run_estimate(batched, w_star, source, settings, verbose=verbose)
+    if calibration is not None:
+        result.config["calibration"] = calibration.to_dict()
+        # the correction was decided with the calibration, on this evidence
+        result.config.update(calibration.gradient_evidence)
+    return result
+
+
+@dataclass
+class Prepared:
+    """What an estimate needs before its chains run: the batched model, w*, the data
+    source, and the settings with a concrete sampler (calibrated when it was "auto")."""
+
+    settings: EstimateSettings
+    source: object
+    batched: BatchedModel
+    w_star: Tensor
+    calibration: Calibration | None
+
+
+def prepare(model: nn.Module, data, settings: EstimateSettings, *, loss_fn, output,
+            label_key: str | None, verbose: bool) -> Prepared:
+    """Resolve the loss and the data, build the batched model and w*, and calibrate when
+    the sampler is "auto" (shared by ``estimate_llc`` and ``estimate_restricted``)."""
     loss = resolve_loss(loss_fn)
     source = as_source(data, stream=settings.stream, label_key=label_key)
     batched = BatchedModel.for_settings(model, loss, settings, output=output)
@@ -70,9 +100,4 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
         calibration = calibrate(model, source, settings, loss_fn=loss_fn, output=output,
                                 verbose=verbose, batched=batched)
         settings = calibration.apply(settings)
-    result = run_estimate(batched, w_star, source, settings, verbose=verbose)
-    if calibration is not None:
-        result.config["calibration"] = calibration.to_dict()
-        # the correction was decided with the calibration, on this evidence
-        result.config.update(calibration.gradient_evidence)
-    return result
+    return Prepared(settings, source, batched, w_star, calibration)

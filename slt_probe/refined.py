@@ -19,13 +19,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .batched_model import BatchedModel
-from .calibration import calibrate
-from .data import as_source
+from .api import prepare
 from .driver import ChainDriver, ChainGroup
 from .engine import estimate_config, point_accumulator
 from .estimator import DrawRecord, LLCResult
-from .losses import resolve_loss
 from .point import measure_point
 from .settings import EstimateSettings, resolve_settings
 
@@ -61,15 +58,11 @@ def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, objec
     if settings.backend != "native":
         raise ValueError("estimate_restricted runs on the native backend only")
     started = time.perf_counter()
-    loss = resolve_loss(loss_fn)
-    source = as_source(data, stream=settings.stream, label_key=label_key)
-    batched = BatchedModel.for_settings(model, loss, settings, output=output)
-    w_star = batched.flatten(model)
-    calibration = None
-    if settings.auto:
-        calibration = calibrate(model, source, settings, loss_fn=loss_fn, output=output,
-                                verbose=verbose, batched=batched)
-        settings = calibration.apply(settings)
+    prepared = prepare(model, data, settings, loss_fn=loss_fn, output=output,
+                       label_key=label_key, verbose=verbose)
+    settings, source, batched, w_star, calibration = (
+        prepared.settings, prepared.source, prepared.batched, prepared.w_star,
+        prepared.calibration)
     if settings.sampler.name == "sgnht":
         raise ValueError("estimate_restricted needs SGLD or RMSProp-SGLD: SGNHT's thermostat "
                          "couples the chains of a run")
