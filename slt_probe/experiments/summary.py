@@ -205,7 +205,8 @@ def resolution_report(root: str | Path) -> str:
     root = Path(root)
     header = ["setup", "regime", "γ", "seeds", "λ̂ small at init", "λ̂ rises", "λ̂ falls",
               "λ̂ fall from peak", "baseline small at init", "baseline rises",
-              "baseline falls", "baseline fall", "baseline / λ̂ at peak", "points not local"]
+              "baseline falls", "baseline fall", "baseline / λ̂ at peak", "points not local",
+              "points not at a critical point"]
     table = []
     for setup_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         runs_by_regime = {}
@@ -237,6 +238,8 @@ def resolution_report(root: str | Path) -> str:
                 mean_pm_std(np.mean(explained) if explained else None,
                             np.std(explained) if len(explained) > 1 else None, ".2f"),
                 f"{sum(s.get('not_local_points') or 0 for s in summaries)}/"
+                f"{sum(s.get('num_llc_points') or 0 for s in summaries)}",
+                f"{sum(s.get('not_critical_points') or 0 for s in summaries)}/"
                 f"{sum(s.get('num_llc_points') or 0 for s in summaries)}"])
         if len(runs_by_regime) > 1:
             plot_resolutions({regime: [rows for _, rows in runs]
