@@ -270,14 +270,19 @@ def _mean_band(trajectories: list[list[dict]]):
 
 
 def plot_resolutions(runs: dict[str, list[list[dict]]], path=None, title: str = "") -> Figure:
-    """λ̂ (solid, mean ± std over seeds) and the curvature baseline (dashed) of each
-    resolution regime on one log axis, with the test accuracy of the first seed."""
+    """λ̂ (solid, mean ± std over seeds, positive points at a critical point only) and the
+    curvature baseline (dashed) of each resolution regime on one log axis, with the test
+    accuracy of the first seed."""
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     colours = iter(["tab:purple", "tab:blue", "tab:green", "tab:red"])
     for regime, trajectories in runs.items():
         colour = next(colours)
-        steps, mean, std = _mean_band(trajectories)
+        # a plain λ̂ at a point that is not a critical point is not drawn, nor a value
+        # below 0 (not a minimum), which a log axis cannot show
+        trusted = [[r for r in rows if r.get("critical_point") is not False
+                    and (r.get("llc_mean") or 0) > 0] for rows in trajectories]
+        steps, mean, std = _mean_band(trusted)
         if not len(steps):
             continue
         ax.plot(steps + 1, mean, color=colour, label=f"λ̂, {regime}")
