@@ -176,6 +176,9 @@ def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
         assert row["num_runs"] == 2
     summary = read_rows(tmp_path / "summary.csv")
     assert len(summary) == 6 and (tmp_path / "trajectories_local.png").exists()
+    claims_table = (tmp_path / "claims.md").read_text()
+    assert "| relu | local-x10 | " in claims_table and "| tanh | local | " in claims_table
+    assert (tmp_path / "relu" / "resolutions.png").exists()
     assert json.loads((tmp_path / "notebook_sampler.json").read_text())["lr"] == \
         _tiny_config().llc.lr
     # one calibration for every run of the local regime: the first run's

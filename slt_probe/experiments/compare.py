@@ -27,7 +27,7 @@ from ..reports import markdown_table, mean_pm_std, plot_comparison, plot_redshif
 from ..run_log import write_csv_atomic, write_json_atomic, write_text_atomic
 from .presets import REGIMES, GrokkingConfig, build_model, build_task, preset
 from .redshift import WEIGHT_SCALES, complexity_at_init
-from .summary import aggregate, load_run
+from .summary import aggregate, load_run, resolution_report
 from .sweeps import grokking_sweep
 from .training import MODEL_NAME
 
@@ -142,6 +142,11 @@ def run_comparison(setup: str, activations: list[str], seeds: int | list[int], *
                         title=f"{setup}: λ̂ by activation, {regime} regime (mean ± std over "
                               f"{len(seeds)} seeds)")
     plot_redshift(redshift_rows, out / "redshift.png")
+    claims = resolution_report(out)  # per activation: the claims at each γ, and its figure
+    if claims:
+        write_text_atomic(out / "claims.md", f"# Claims at each resolution: {setup}\n\n"
+                          "One row per activation and γ (rows: activations). Regenerate "
+                          f"with the command in `summary.md`.\n\n{claims}")
     return summary_rows
 
 
