@@ -1,21 +1,18 @@
 """Grokking runs: a shortened modadd-mlp run in the default suite, the real quick presets
 (which must grok) in the slow suite."""
 import json
-import math
 import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from slt_probe.cli import main
-from slt_probe.experiments import compare, sweeps, training
+from slt_probe.experiments import training
 from slt_probe.experiments.grokking import run_grokking
 from slt_probe.experiments.presets import LocalLLC, build_model, preset
-from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
 from slt_probe.experiments.summary import claims, summarize
 from slt_probe.models import ModAddTransformer
 from slt_probe.run_log import read_rows, write_csv_atomic
@@ -159,59 +156,6 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
     assert summary["llc_peak"] > summary["llc_init"]
     # wall time (< 3 min on 2 idle cores) is measured and reported in the README, not
     # asserted: it depends on what else the machine runs
-
-
-def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
-
-    kwargs = dict(config=_tiny_config(), out=tmp_path, scales=(1.0, 4.0), verbose=False,
-                  regimes=("local", "local-x10", "notebook"))
-    rows = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
-    assert [(r["activation"], r["regime"]) for r in rows] == [
-        ("relu", "local"), ("relu", "local-x10"), ("relu", "notebook"),
-        ("tanh", "local"), ("tanh", "local-x10"), ("tanh", "notebook")]
-    for row in rows:
-        for key in ("llc_init", "llc_peak", "llc_final", "final_test_acc", "disagreement",
-                    "prediction_variance", "init_mean_frequency", "init_lz"):
-            assert row[key] is not None and math.isfinite(row[key]), key
-        assert row["num_runs"] == 2
-    summary = read_rows(tmp_path / "summary.csv")
-    assert len(summary) == 6 and (tmp_path / "trajectories_local.png").exists()
-    claims_table = (tmp_path / "claims.md").read_text()
-    assert "| relu | local-x10 | " in claims_table and "| tanh | local | " in claims_table
-    assert (tmp_path / "relu" / "resolutions.png").exists()
-    assert json.loads((tmp_path / "notebook_sampler.json").read_text())["lr"] == \
-        _tiny_config().llc.lr
-    # one calibration for every run of the local regime: the first run's
-    calibration = json.loads((tmp_path / "calibration.json").read_text())
-    assert calibration["calibrated_on"] == "relu/seed0"
-    gamma = calibration["calibration"]["sampler"]["localization"]
-    for act in ("relu", "tanh"):
-        for seed in (0, 1):
-            local = read_rows(tmp_path / act / f"seed{seed}" / "local" / "llc.csv")
-            assert {r["localization"] for r in local if r["llc_mean"] is not None} == {gamma}
-            coarse = read_rows(tmp_path / act / f"seed{seed}" / "local-x10" / "llc.csv")
-            assert [r["localization"] for r in coarse if r["llc_mean"] is not None] == \
-                pytest.approx([10 * gamma] * len([r for r in coarse if r["llc_mean"] is not None]))
-
-    def must_not_train(*args, **kw):
-        raise AssertionError("a finished run was recomputed")
-
-
-    monkeypatch.setattr(sweeps, "grokking_task", must_not_train)
-    again = compare.run_comparison("modadd-mlp", ["relu", "tanh"], 2, **kwargs)
-    assert [r["llc_final"] for r in again] == [r["llc_final"] for r in rows]
-
-
-def test_redshift_measures_rank_linear_below_high_frequency_sine():
-
-    s, t = (v.reshape(64, 64).numpy() for v in grid_points(64))
-    linear = 0.3 * s - 0.7 * t
-    wiggly = np.sin(25 * s) * np.cos(19 * t)
-    assert mean_frequency(linear) < 0.5 * mean_frequency(wiggly)
-    assert lz_complexity(linear) < 0.5 * lz_complexity(wiggly)
-    assert lz_complexity(np.zeros((64, 64))) < lz_complexity(linear)
-    with pytest.raises(ValueError, match="square"):
-        mean_frequency(np.zeros((3, 4)))
 
 
 def test_example_built_from_parts_runs(tmp_path):

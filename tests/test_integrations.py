@@ -295,9 +295,12 @@ def test_hf_callback_estimates_at_optimizer_steps_under_accumulation_and_leaves_
     assert [h["llc/mean"] for h in logged] == pytest.approx([r["llc_mean"] for r in rows])
 
 
-@pytest.mark.parametrize("example, needs", [("lightning_callback", "lightning"),
-                                            ("hf_trainer", "transformers"),
-                                            ("tensorboard_and_wandb", "wandb")])
+# the Hugging Face example (about 30 s: it builds and trains a model end to end) runs in
+# the slow tier; the callback itself is tested above in the default run
+@pytest.mark.parametrize("example, needs", [
+    ("lightning_callback", "lightning"),
+    pytest.param("hf_trainer", "transformers", marks=pytest.mark.slow),
+    ("tensorboard_and_wandb", "wandb")])
 def test_each_integration_example_runs_in_quick_mode(example, needs, tmp_path):
     pytest.importorskip(needs)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
