@@ -214,7 +214,8 @@ def _homogeneity(args) -> int:
         config = replace(config, **changes)
     rows = run_homogeneity(args.setup, quick=args.quick, config=config, out=out,
                            mnist_dir=args.mnist_dir, executor=_executor(args),
-                           command=_command(), verbose=not args.quiet)
+                           command=_command(), hold_gamma=args.hold_gamma,
+                           verbose=not args.quiet)
     for row in rows:
         print(_width_line(row))
     print(f"  wrote {out}/homogeneity.csv, summary.md, manifest.json, homogeneity.png")
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     hom.add_argument("--data-seeds", type=_number(int, 2, True, "a whole number >= 2"),
                      default=None, help="training subsets per width (default 4; quick 2)")
     hom.add_argument("--quick", action="store_true", help="4 widths, 2 + 2 seeds (minutes)")
+    hom.add_argument("--hold-gamma", action="store_true",
+                     help="one calibration (on the widest network) held for every width, so "
+                          "λ̂ reads across widths")
     hom.add_argument("--out", default=None, help=f"folder (default {RUNS_DIR}/homogeneity/"
                      "SETUP, or SETUP-quick with --quick)")
     hom.add_argument("--mnist-dir", default=None)

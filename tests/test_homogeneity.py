@@ -115,3 +115,15 @@ def test_a_width_with_one_or_no_local_network_prints_without_a_spread():
     assert _width_line(row).endswith("λ̂ 4.84")
     assert _width_line({**row, "llc_mean": None}).endswith("λ̂ no network stayed local")
     assert _width_line({**row, "llc_std": 0.21}).endswith("λ̂ 4.84 ± 0.21")
+
+
+def test_a_held_gamma_is_calibrated_on_the_widest_network_and_used_for_every_width(tmp_path):
+    config = replace(_tiny(), init_seeds=2, data_seeds=2)
+    rows = hom.run_homogeneity("modadd-mlp", config=config, out=tmp_path, hold_gamma=True,
+                               verbose=False)
+    held = json.loads((tmp_path / hom.HELD_NAME).read_text())
+    assert held["calibrated_on"] == "width 64, init seed 0"
+    gamma = held["calibration"]["sampler"]["localization"]
+    assert [r["localization"] for r in rows] == [gamma, gamma]
+    assert [r["lr"] for r in rows] == [held["calibration"]["sampler"]["lr"]] * 2
+    assert "One sampler for every width" in (tmp_path / "summary.md").read_text()

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationGrid
+from ..calibration import Calibration, CalibrationGrid
 from ..data import MinibatchStream
 from ..executors import SerialExecutor, Task
 from ..losses import resolve_loss
@@ -200,17 +200,21 @@ def train_network(config: HomogeneityConfig, width: int, init_seed: int, data_se
 
 
 def estimate_width(config: HomogeneityConfig, width: int, states: list[dict],
-                   mnist_dir=None) -> dict:
+                   mnist_dir=None, calibration: dict | None = None) -> dict:
     """λ̂ of the width's K init-seed networks (a sweep task): ``sampler="auto"`` calibrated
-    on the first and held fixed for all (one trajectory over the K networks)."""
+    on the first and held fixed for all (one trajectory over the K networks), or the given
+    ``calibration`` (a ``Calibration.to_dict``) held instead."""
     x, labels, _, _ = split(config, *load_pool(config.setup, mnist_dir), 0)
     settings = EstimateSettings(sampler="auto", num_chains=config.llc_chains,
                                 num_draws=config.llc_draws, batch_size=config.batch_size,
                                 calibration_grid=CalibrationGrid(max_chains=16))
+    if calibration is not None:
+        settings = Calibration.from_dict(calibration).apply(settings)
     trajectory = estimate_trajectory(build_network(config, width, 0), states,
                                      (x, _targets(config, labels)), settings,
                                      loss_fn=config.loss, calibrate_on=0, verbose=False)
-    return {"rows": trajectory.rows, "calibration": trajectory.manifest()["calibration"]}
+    return {"rows": trajectory.rows,
+            "calibration": calibration or trajectory.manifest()["calibration"]}
 
 
 def variance_parts(init_predictions: np.ndarray, data_predictions: np.ndarray) -> dict:
@@ -285,10 +289,19 @@ def thresholds(config: HomogeneityConfig, rows: list[dict]) -> dict:
             "params_equal_examples_width": nearest, "examples_times_outputs": target}
 
 
+HELD_NAME = "held_calibration.json"
+
+
 def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfig | None = None,
                     out: str | Path, mnist_dir=None, executor=None, command: str | None = None,
-                    verbose: bool = True) -> list[dict]:
-    """The whole sweep; returns one row per width (also written to ``out``)."""
+                    hold_gamma: bool = False, verbose: bool = True) -> list[dict]:
+    """The whole sweep; returns one row per width (also written to ``out``).
+
+    ``hold_gamma``: one calibration for every width, so λ̂ can be read across widths: run
+    on the seed-0 network of the widest width (estimated first), the most
+    over-parameterised network and the one whose chains the largest γ keeps local (so
+    the held γ is local there, and each width's locality is reported), and held for the
+    others (``held_calibration.json``)."""
     config = config or preset(setup, quick)
     out = Path(out)
     (out / "widths").mkdir(parents=True, exist_ok=True)
@@ -297,6 +310,10 @@ def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfi
     done = {w: json.loads(p.read_text()) for w in config.widths
             if (p := out / "widths" / f"w{w}.json").exists()}
     todo = [w for w in config.widths if w not in done]
+    held_path = out / HELD_NAME
+    held = json.loads(held_path.read_text())["calibration"] if held_path.exists() else None
+    if hold_gamma:
+        todo.sort(reverse=True)  # the widest first: it calibrates for all
     # one width at a time (its trainings in parallel on Ray), written as soon as it is done,
     # so an interrupted sweep loses at most the width it was on
     for width in tqdm(todo, desc="widths", disable=not verbose):
@@ -310,8 +327,14 @@ def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfi
         states = [r["state"] for r in sorted(trained, key=lambda r: r["init_seed"])
                   if r["data_seed"] == 0]
         llc_task = Task(estimate_width, dict(config=config, width=width, states=states,
-                                             mnist_dir=mnist_dir), label=f"λ̂ at width {width}")
+                                             mnist_dir=mnist_dir,
+                                             calibration=held if hold_gamma else None),
+                        label=f"λ̂ at width {width}")
         llc = executor.map([llc_task], desc=f"λ̂ at width {width}", verbose=False)[0].value
+        if hold_gamma and held is None:
+            held = llc["calibration"]
+            write_json_atomic(held_path, {"calibrated_on": f"width {width}, init seed 0",
+                                          "calibration": held})
         done[width] = width_row(config, width, trained, llc)
         write_json_atomic(out / "widths" / f"w{width}.json", done[width])
     rows = [done[w] for w in config.widths]
@@ -321,18 +344,26 @@ def run_homogeneity(setup: str, *, quick: bool = False, config: HomogeneityConfi
     write_json_atomic(out / "manifest.json", {"config": asdict(config), "quick": quick,
                                               "command": command, "thresholds": marks,
                                               "versions": versions()})
-    write_text_atomic(out / "summary.md", summary_markdown(config, rows, marks, command))
+    write_text_atomic(out / "summary.md", summary_markdown(config, rows, marks, command,
+                                                           held_on=_held_on(held_path)))
     plot_homogeneity(rows, marks, out / "homogeneity.png",
                      title=f"{config.setup}: {config.num_train} training examples, "
                            f"{config.init_seeds} init × {config.data_seeds} data seeds")
     return rows
 
 
+def _held_on(path: Path) -> str | None:
+    return json.loads(path.read_text())["calibrated_on"] if path.exists() else None
+
+
 def summary_markdown(config: HomogeneityConfig, rows: list[dict], marks: dict,
-                     command: str | None) -> str:
+                     command: str | None, held_on: str | None = None) -> str:
     lines = [f"# Homogeneity across training runs: {config.setup}", ""]
     if command:
         lines += [f"Regenerate: `{command}`", ""]
+    if held_on:
+        lines += [f"One sampler for every width (γ held): calibrated on the network of "
+                  f"{held_on}; λ̂ reads across widths, each width's locality in its row.", ""]
     lines += [f"{config.num_train} training examples per run, evaluation on {config.num_eval} "
               f"held out from every subset; {config.init_seeds} initialisation seeds (subset 0) "
               f"and {config.data_seeds} training subsets (initialisation 0) per width. Each run "
