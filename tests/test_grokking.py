@@ -158,6 +158,7 @@ def test_quick_preset_groks_with_llc_rows(setup, tmp_path):
     # asserted: it depends on what else the machine runs
 
 
+@pytest.mark.slow  # about 25 s: it trains, calibrates and estimates a whole run
 def test_example_built_from_parts_runs(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
