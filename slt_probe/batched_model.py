@@ -365,10 +365,10 @@ class BatchedModel:
                 total += values.double() * size
         return total / n
 
-    def _sum_over_chunks(self, w: Tensor, x, y: Tensor, derivative) -> Tensor:
+    def _sum_over_chunks(self, w: Tensor, x, y: Tensor, derivative, shape=None) -> Tensor:
         """Mean over all of ``(x, y)`` of ``derivative(summed chunk loss, leaf)`` at a single
-        point ``w`` (d,), chunked (float64)."""
-        total = torch.zeros(self.dim, dtype=torch.float64, device=w.device)
+        point ``w`` (d,), chunked (float64); ``shape`` of what it returns (default (d,))."""
+        total = torch.zeros(shape or (self.dim,), dtype=torch.float64, device=w.device)
         n = num_examples(x)
         for start in range(0, n, _EVAL_CHUNK):
             part = slice(start, start + _EVAL_CHUNK)
@@ -415,24 +415,25 @@ class BatchedModel:
         (float64, (d, k)): one double-backward pass per chunk batched over the columns,
         column by column where a layer has no batching rule for it."""
         basis = vectors.to(w.dtype).T.contiguous()
-        total = torch.zeros(basis.shape[0], self.dim, dtype=torch.float64, device=w.device)
-        n = num_examples(x)
+
+        def batched(value, leaf):
+            (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
+            return torch.autograd.grad(grad, [leaf], grad_outputs=basis,
+                                       is_grads_batched=True, allow_unused=True)[0]
+
         try:
-            for start in range(0, n, _EVAL_CHUNK):
-                part = slice(start, start + _EVAL_CHUNK)
-                leaf = w.detach().requires_grad_()
-                with torch.enable_grad(), self._context():
-                    value = self.loss.per_example(
-                        self._forward(self.views(leaf), take(x, part)), y[part]).sum()
-                    (grad,) = torch.autograd.grad(value, [leaf], create_graph=True)
-                    (rows,) = torch.autograd.grad(grad, [leaf], grad_outputs=basis,
-                                                  is_grads_batched=True, allow_unused=True)
-                if rows is not None:
-                    total += rows.double()
+            return self._sum_over_chunks(w, x, y, batched, shape=(len(basis), self.dim)).T
         except (RuntimeError, NotImplementedError):
             return torch.stack([self.hessian_vector_product(w, column, x, y)
                                 for column in vectors.T], dim=1)
-        return (total / n).T
+
+    def mean_hessian_product(self, w: Tensor, vectors: Tensor, source) -> Tensor:
+        """∇²L_n(w)·V (d, k) over every chunk of a data ``source`` (float64)."""
+        total = torch.zeros(self.dim, vectors.shape[1], dtype=torch.float64, device=w.device)
+        for xb, yb in source.chunks():
+            xb, yb = self.inputs(xb), yb.to(self.device)
+            total += self.hessian_matrix_product(w, vectors, xb, yb) * len(yb)
+        return total / source.n
 
     def inputs(self, x):
         """``x`` on the model's device, in float32 where half-precision weights are

@@ -38,6 +38,14 @@ class ChainGroup:
     generator: torch.Generator
 
 
+def check_groupable(sampler: Sampler, noise_substeps: int | None = None) -> None:
+    """Chains of several restrictions share a run only where nothing couples them."""
+    if sampler.name == "sgnht" or noise_substeps is not None:
+        raise ValueError("chains of several restrictions share a run only with SGLD or "
+                         "RMSProp-SGLD and independent noise (SGNHT's thermostat couples a "
+                         "run's chains)")
+
+
 class ChainDriver:
     """Chains at one sampler over ``source`` (a ``data`` source) around ``point``.
 
@@ -58,9 +66,8 @@ class ChainDriver:
                  groups: Sequence[ChainGroup] | None = None):
         if groups is None:
             groups = [ChainGroup(point, corrected, generator)]
-        elif noise_substeps is not None or sampler.name == "sgnht":
-            raise ValueError("chains of several restrictions share a run only with SGLD or "
-                             "RMSProp-SGLD and independent noise")
+        else:
+            check_groupable(sampler, noise_substeps)
         self.groups = list(groups)
         self.per_group = num_chains
         num_chains = num_chains * len(self.groups)
@@ -117,6 +124,7 @@ class ChainDriver:
                    for g in self.groups]
         if len(streams) == 1:
             yield from streams[0]
+            return
         while True:
             parts = [next(stream) for stream in streams]
             x = parts[0][0]

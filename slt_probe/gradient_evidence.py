@@ -164,11 +164,7 @@ def measure_gradient(model, w_star: Tensor, source, mask: Tensor | None, *, seed
 
 
 def _hvp(model, w_star: Tensor, source, vector: Tensor, mask: Tensor | None) -> Tensor:
-    out = torch.zeros(model.dim, dtype=torch.float64, device=model.device)
-    for xb, yb in source.chunks():
-        xb, yb = model.inputs(xb), yb.to(model.device)
-        out += model.hessian_vector_product(w_star, vector, xb, yb) * len(yb)
-    out /= source.n
+    out = model.mean_hessian_product(w_star, vector.unsqueeze(1), source).squeeze(1)
     return out if mask is None else out * mask.double()
 
 

@@ -198,12 +198,8 @@ class _RestrictedHessian:
         full = torch.zeros(self.model.dim, block.shape[1], dtype=torch.float64,
                            device=self.model.device)
         full[self.index] = block.to(full)
-        total = torch.zeros_like(full)
-        for xb, yb in self.source.chunks():
-            xb, yb = self.model.inputs(xb), yb.to(self.model.device)
-            total += self.model.hessian_matrix_product(self.w_star, full, xb, yb) * len(yb)
         self.products += block.shape[1]
-        return total[self.index] / self.source.n
+        return self.model.mean_hessian_product(self.w_star, full, self.source)[self.index]
 
     def scipy_operator(self, scale: float = 1.0, shift: float = 0.0) -> LinearOperator:
         """scale·H + shift as a SciPy operator on float64 vectors."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .api import prepare
-from .driver import ChainDriver, ChainGroup
+from .driver import ChainDriver, ChainGroup, check_groupable
 from .engine import estimate_config, point_accumulator
 from .estimator import DrawRecord, LLCResult
 from .point import measure_point
@@ -63,9 +63,7 @@ def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, objec
     settings, source, batched, w_star, calibration = (
         prepared.settings, prepared.source, prepared.batched, prepared.w_star,
         prepared.calibration)
-    if settings.sampler.name == "sgnht":
-        raise ValueError("estimate_restricted needs SGLD or RMSProp-SGLD: SGNHT's thermostat "
-                         "couples the chains of a run")
+    check_groupable(settings.sampler)  # before any point is measured
     if source.in_memory:
         source = source.to(batched.device)
     nbeta, nbeta_source = settings.resolve_nbeta(source.n)

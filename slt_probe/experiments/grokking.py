@@ -198,9 +198,8 @@ def run_grokking(setup: str, *, activation_name: str | None = None, seed: int = 
     build_model(config, act, seed)  # names a bad activation before any work
     folder = Path(out) if out is not None else None
     if (any(r in RESOLUTIONS for r in regimes) and "local" not in regimes
-            and "local" not in (calibrations or {})
-            and not (folder and (folder / "local" / MANIFEST_NAME).exists())):
-        _local_calibration({}, None)  # names the missing local regime before training
+            and "local" not in (calibrations or {})):
+        _local_calibration({}, folder)  # names a missing local regime before training
     commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     run = train(config, act, seed, out=folder, mnist_dir=mnist_dir, verbose=verbose)
     summaries = {}
