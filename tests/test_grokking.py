@@ -87,6 +87,17 @@ def test_a_finished_run_is_reused_and_a_lost_estimate_is_redone(tmp_path, monkey
                          regimes=["notebook"], verbose=False)
     assert again["notebook"]["llc_final"] == pytest.approx(first["notebook"]["llc_final"])
     assert len(read_rows(tmp_path / "notebook" / "llc.csv")) == len(rows)
+    # settings that only shape the estimates keep the training …
+    estimation_changed = replace(_tiny_config(), quadratic_baseline=False, notes="other",
+                                 grok_accuracy=0.5, local=LocalLLC(num_draws=7))
+    assert training._finished(tmp_path, estimation_changed.llc_steps(),
+                              training.training_identity(estimation_changed, "gelu", 0))
+    # … and any setting of the training itself does not
+    for changed in (replace(_tiny_config(), lr=2e-3), replace(_tiny_config(), init_scale=2.0)):
+        assert not training._finished(tmp_path, changed.llc_steps(),
+                                      training.training_identity(changed, "gelu", 0))
+    assert not training._finished(tmp_path, _tiny_config().llc_steps(),
+                                  training.training_identity(_tiny_config(), "gelu", 1))
 
 
 def test_summary_reads_peak_fall_and_grokking_step():

@@ -43,10 +43,21 @@ def evaluate(model: nn.Module, task: Task, loss: str) -> dict:
     return metrics
 
 
+# settings that only shape the estimates, never the trained weights or the metrics
+ESTIMATION_ONLY = ("llc", "local", "quadratic_baseline", "grok_accuracy", "notes")
+
+
 def training_identity(config: GrokkingConfig, act: str, seed: int) -> dict:
     """What makes two trainings the same (a finished one is reused only for the same)."""
-    return {"config": json.loads(json.dumps(config.to_dict())), "activation": act,
-            "seed": seed}
+    training = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items()
+                if k not in ESTIMATION_ONLY}
+    return {"config": training, "activation": act, "seed": seed}
+
+
+def _same_training(done: dict, identity: dict) -> bool:
+    recorded = {k: v for k, v in done.get("config", {}).items() if k not in ESTIMATION_ONLY}
+    return (recorded == identity["config"]
+            and all(done.get(k) == identity[k] for k in ("activation", "seed")))
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -153,5 +164,4 @@ def _finished(folder: Path, llc_steps: list[int], identity: dict) -> bool:
             and (folder / METRICS_NAME).exists()):
         return False
     done = json.loads(record.read_text())
-    same = all(done.get(k) == v for k, v in identity.items())
-    return same and all(checkpoint_path(folder, s).exists() for s in llc_steps)
+    return _same_training(done, identity) and all(checkpoint_path(folder, s).exists() for s in llc_steps)
