@@ -5,11 +5,13 @@ sees per-parameter views of it through ``torch.func.functional_call``, so no mod
 copied per step. The user's module is copied once (eval mode, the original untouched).
 
 How the chains are computed is chosen once per model, on its first batch, as the fastest
-path that works (``COMPUTE_PATHS``): ``vmap`` over chains; ``vmap`` with torch's math
-implementation of attention (the fused kernels of ``nn.MultiheadAttention`` and
-``nn.TransformerEncoderLayer`` have no derivative, and flash attention no batching rule);
-or a loop over chains with one backward pass for all of them (recurrent layers have no
-batching rule). All give the same numbers. Not here: which coordinates are sampled
+path that works (``COMPUTE_PATHS``): ``vmap`` over chains, where every
+``scaled_dot_product_attention`` call runs once, fused, over chains × batch
+(``fused_attention``; the path is named "vmap, fused attention" when the model has such
+calls); ``vmap`` with torch's math implementation of attention (materialises every chain's
+attention weights); or a loop over chains with one backward pass for all of them
+(recurrent layers have no batching rule). Where attention is routed, the fastest of that
+path and the loop is kept. All give the same numbers. Not here: which coordinates are sampled
 (``parameter_layout``), noise, batching, estimator arithmetic.
 """
 from __future__ import annotations
@@ -27,11 +29,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fused_attention import chains_join_the_batch
 from .losses import Loss
 from .parameter_layout import ParameterLayout
 
 _EVAL_CHUNK = 4096
-COMPUTE_PATHS = ("vmap", "vmap, math attention", "loop over chains")
+COMPUTE_PATHS = ("vmap", "vmap, fused attention", "vmap, math attention", "loop over chains")
+# "auto" tries these in order; the first is renamed "vmap" when no attention was routed
+_AUTO_ORDER = ("vmap, fused attention", "vmap, math attention", "loop over chains")
 # a fallback path replaces the earlier one only when it is this much faster per step
 FALLBACK_MARGIN = 0.8
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,9 +145,10 @@ class BatchedModel:
         self.frozen = {n: p for n, p in self.module.named_parameters() if n not in trainable_names}
         self.frozen.update(dict(self.module.named_buffers()))
         self.path: str | None = None  # chosen (or checked) on the first batch
-        self._candidates = COMPUTE_PATHS if path == "auto" else (path,)
+        self._candidates = _AUTO_ORDER if path == "auto" else (path,)
         self.path_note = ""
         self.path_timings: dict[str, float] = {}
+        self._routed = None  # the attention calls the last batched evaluation routed
         self.compiled = False
         self._compile = compile
         self._compiled_grads = None
@@ -185,16 +191,20 @@ class BatchedModel:
         return self.layout.views(w)
 
     # -- evaluation -----------------------------------------------------------------
-    def _context(self):
+    def _context(self, batched: bool = True, second_order: bool = False):
+        """Settings for evaluating the model: ``batched`` for calls under ``vmap`` over
+        chains; ``second_order`` for Hessian products at one w, which take torch's math
+        attention where attention is routed (the fused kernels have no second derivative)."""
         stack = contextlib.ExitStack()
-        if self.path != "vmap":
-            # attention modules' fused inference kernels have no derivative
-            previous = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
-        if self.path == "vmap, math attention":
-            # torch's math attention: the fused attention kernels have no batching rule
+        # attention modules' fused inference kernels have no derivative and no batching rule
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
+        if self.path == "vmap, math attention" or (
+                second_order and self.path == "vmap, fused attention"):
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        elif batched and self.path == "vmap, fused attention":
+            self._routed = stack.enter_context(chains_join_the_batch())
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         return stack
@@ -261,13 +271,16 @@ class BatchedModel:
         return self._grads_vmap(w, x, y)
 
     def _choose_path(self, w: Tensor, x, y: Tensor) -> None:
-        """Try each path on this batch in order. ``vmap`` is kept when it works; otherwise
-        every fallback that works is timed on these chains and the fastest is kept (the
-        batched math attention can be slower than a loop over chains with torch's fused
-        attention: it materialises every chain's attention weights at once)."""
+        """Try each path on this batch in order. Plain ``vmap`` (no attention routed) is kept
+        when it works; otherwise every path that works is timed on these chains and the
+        fastest is kept (batching the chains can be slower than a loop over them on a CPU,
+        and math attention materialises every chain's attention weights; it is not tried
+        where fused attention works, being no lighter)."""
         errors, working = [], []
         for path in self._candidates:
-            self.path = path
+            if path == "vmap, math attention" and "vmap, fused attention" in working:
+                continue
+            self.path, self._routed = path, None
             try:
                 with warnings.catch_warnings():  # a failing attempt's warnings are noise
                     warnings.simplefilter("ignore")
@@ -275,6 +288,8 @@ class BatchedModel:
             except (RuntimeError, NotImplementedError) as err:
                 errors.append(f"{path}: {str(err).splitlines()[0][:160]}")
                 continue
+            if path == "vmap, fused attention" and not (self._routed and self._routed.count):
+                path = "vmap"  # nothing to route: the plain path
             working.append(path)
             if path == "vmap":
                 break
@@ -288,11 +303,12 @@ class BatchedModel:
             # a clear margin, so the choice does not flip with a busy machine's noise
             if self.path_timings[fastest] < FALLBACK_MARGIN * self.path_timings[self.path]:
                 self.path = fastest
+        notes = list(errors)
+        if self.path_timings:
+            notes.append("timed per step: " + ", ".join(
+                f"{p} {t * 1e3:.3g} ms" for p, t in self.path_timings.items()))
+        self.path_note = "; ".join(notes)
         if errors:
-            self.path_note = "; ".join(errors)
-            if self.path_timings:
-                self.path_note += "; timed per step: " + ", ".join(
-                    f"{p} {t * 1e3:.3g} ms" for p, t in self.path_timings.items())
             warnings.warn(f"this model cannot run with {errors[0].split(':')[0]} "
                           f"({self.path_note}); its chains run as '{self.path}' (same "
                           "numbers, another speed)", RuntimeWarning, stacklevel=4)
@@ -365,7 +381,8 @@ class BatchedModel:
                 total += values.double() * size
         return total / n
 
-    def _sum_over_chunks(self, w: Tensor, x, y: Tensor, derivative, shape=None) -> Tensor:
+    def _sum_over_chunks(self, w: Tensor, x, y: Tensor, derivative, shape=None,
+                         second_order: bool = False) -> Tensor:
         """Mean over all of ``(x, y)`` of ``derivative(summed chunk loss, leaf)`` at a single
         point ``w`` (d,), chunked (float64); ``shape`` of what it returns (default (d,))."""
         total = torch.zeros(shape or (self.dim,), dtype=torch.float64, device=w.device)
@@ -373,7 +390,7 @@ class BatchedModel:
         for start in range(0, n, _EVAL_CHUNK):
             part = slice(start, start + _EVAL_CHUNK)
             leaf = w.detach().requires_grad_()
-            with torch.enable_grad(), self._context():
+            with torch.enable_grad(), self._context(False, second_order):
                 value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
                                               y[part]).sum()
                 result = derivative(value, leaf)
@@ -400,7 +417,7 @@ class BatchedModel:
             return torch.autograd.grad(grad @ direction, [leaf], allow_unused=True)[0]
 
         try:
-            return self._sum_over_chunks(w, x, y, exact)
+            return self._sum_over_chunks(w, x, y, exact, second_order=True)
         except (RuntimeError, NotImplementedError):
             norm = float(v.norm())
             if norm == 0:
@@ -422,7 +439,8 @@ class BatchedModel:
                                        is_grads_batched=True, allow_unused=True)[0]
 
         try:
-            return self._sum_over_chunks(w, x, y, batched, shape=(len(basis), self.dim)).T
+            return self._sum_over_chunks(w, x, y, batched, shape=(len(basis), self.dim),
+                                         second_order=True).T
         except (RuntimeError, NotImplementedError):
             return torch.stack([self.hessian_vector_product(w, column, x, y)
                                 for column in vectors.T], dim=1)
@@ -462,14 +480,14 @@ class BatchedModel:
             raise TypeError(f"the model's parameters are {self.dtype} but the data x is "
                             f"{first.dtype}; convert one of them (e.g. x.to({self.dtype}) or "
                             f"model.to({first.dtype}))")
-        with torch.no_grad(), self._context():
+        with torch.no_grad(), self._context(batched=False):
             return self._forward(self.views(w), take(x, slice(0, 2)))
 
     def per_example_losses(self, w: Tensor, x, y: Tensor) -> Tensor:
         """Loss of every example at a single point ``w`` (d,), float64, shape (n,)."""
         out = []
         n = num_examples(x)
-        with torch.no_grad(), self._context():
+        with torch.no_grad(), self._context(batched=False):
             views = self.views(w)
             for start in range(0, n, _EVAL_CHUNK):
                 part = slice(start, start + _EVAL_CHUNK)

@@ -12,12 +12,13 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from . import batched_model
 from .estimator import ESTIMATORS, LOSS_ON
 from .samplers import SGLD, Sampler, check_positive
 
 BACKENDS = ("native", "devinterp")
-PRECISIONS = ("float32", "bfloat16", "float16")
-COMPUTE_PATHS = ("auto", "vmap", "vmap, math attention", "loop over chains")
+PRECISIONS = tuple(batched_model.PRECISIONS)
+COMPUTE_PATHS = ("auto", *batched_model.COMPUTE_PATHS)
 GRADIENT_CORRECTIONS = ("auto", True, False)
 # An estimate whose chains gave back more than this fraction of the gap between L_n(w*) and
 # the best constant predictor's loss has left the neighbourhood of w* (``diagnostics``).
@@ -85,7 +86,8 @@ class EstimateSettings:
             reads map-style datasets into memory; ``True`` streams them too (examples
             fetched by index, never read whole); ``False`` refuses iterable data.
         compute_path: how the chains are computed: ``"auto"`` (the fastest that works for
-            this model), ``"vmap"``, ``"vmap, math attention"`` or ``"loop over chains"``.
+            this model), ``"vmap"``, ``"vmap, fused attention"``, ``"vmap, math attention"`` or
+            ``"loop over chains"``.
 
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range, named.
