@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fused_attention import chains_join_the_batch
 from .losses import Loss
+from .memory_plan import MemoryPlan, SavedBytes, budget, plan
 from .parameter_layout import ParameterLayout
 
 _EVAL_CHUNK = 4096
@@ -94,8 +95,11 @@ class BatchedModel:
         loss: the resolved loss.
         output: which part of the model's output is the prediction (``select_output``).
         compile: compile the batched gradient with ``torch.compile``.
-        chain_batch: compute at most this many chains at once (memory); the numbers are
-            those of one group.
+        chain_batch: compute at most this many chains at once; ``"auto"`` (default): as
+            many as fit ``max_memory`` (``memory_plan``), planned on the first batch. The
+            numbers are those of one group.
+        max_memory: the budget for sampling, bytes or a size like ``"8GB"`` (default: a
+            fraction of the memory free now); also sizes the evaluation passes.
         precision: ``"float32"`` (default), or ``"bfloat16"``/``"float16"`` autocast for the
             forward and backward passes; losses are then accumulated in float32/float64.
         device: where to sample (default: where the model's parameters are).
@@ -106,21 +110,30 @@ class BatchedModel:
     """
 
     def __init__(self, model: nn.Module, loss: Loss, *, output=None, compile: bool = False,
-                 chain_batch: int | None = None, precision: str = "float32",
-                 device=None, path: str = "auto", exclude_from_copy=()):
+                 chain_batch: int | str | None = "auto", max_memory=None,
+                 precision: str = "float32", device=None, path: str = "auto",
+                 exclude_from_copy=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if path != "auto" and path not in COMPUTE_PATHS:
             raise ValueError(f"path must be 'auto' or one of {COMPUTE_PATHS}, got {path!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        if chain_batch is not None and (isinstance(chain_batch, bool)
-                                        or not isinstance(chain_batch, int) or chain_batch < 1):
-            raise ValueError(f"chain_batch must be a positive int or None, got {chain_batch!r}")
+        if chain_batch not in (None, "auto") and (
+                isinstance(chain_batch, bool) or not isinstance(chain_batch, int)
+                or chain_batch < 1):
+            raise ValueError(f"chain_batch must be a positive int, 'auto' or None, got "
+                             f"{chain_batch!r}")
         self.layout = ParameterLayout.of(model)
         self.loss = loss
         self.output = output
         self.chain_batch = chain_batch
+        self.max_memory = max_memory
+        self.memory_plan: MemoryPlan | None = None
+        self._planning = chain_batch == "auto" or max_memory is not None
+        self._activations: tuple[float, float] | None = None
+        self._budget: tuple[int, str] | None = None
+        self.largest_pass = 0.0  # bytes of the largest evaluation pass sized so far
         self.autocast_dtype = PRECISIONS[precision]
         self.precision_name = precision
         # Half-precision weights are sampled in float32: SGLD's steps (ε/2·nβ·∇L, √ε·ξ)
@@ -160,7 +173,8 @@ class BatchedModel:
         backend)."""
         return cls(model, loss, output=output, exclude_from_copy=exclude_from_copy,
                    compile=settings.compile and settings.backend == "native",
-                   chain_batch=settings.chain_batch, precision=settings.precision,
+                   chain_batch=settings.chain_batch, max_memory=settings.max_memory,
+                   precision=settings.precision,
                    device=settings.device, path=settings.compute_path)
 
     # -- parameters -------------------------------------------------------------------
@@ -335,17 +349,81 @@ class BatchedModel:
     def loss_and_grad(self, w: Tensor, x, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-chain minibatch losses (chains,) and flat gradients (chains, d) at ``w``.
 
-        ``x`` and ``y`` carry one minibatch per chain on their leading dimension; with
-        ``chain_batch`` the chains are computed in groups of that size.
+        ``x`` and ``y`` carry one minibatch per chain on their leading dimension; the
+        chains are computed in groups of ``chain_batch`` (planned on the first call).
         """
-        group = self.chain_batch or len(w)
         if self.path is None:
-            self._choose_path(w[:group], take(x, slice(0, group)), y[:group])
+            if self._planning:
+                self.memory_plan = self._plan(w, x, y)
+            self._choose_path(w[:self.group(len(w))], take(x, slice(0, self.group(len(w)))),
+                              y[:self.group(len(w))])
+        group = self.group(len(w))
         if group >= len(w):
             return self._grads(w, x, y)
         parts = [self._grads(w[a:a + group], take(x, slice(a, a + group)), y[a:a + group])
                  for a in range(0, len(w), group)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def group(self, num_chains: int) -> int:
+        """How many chains are computed at once."""
+        if self.memory_plan is not None:
+            return self.memory_plan.chain_batch
+        return self.chain_batch if isinstance(self.chain_batch, int) else num_chains
+
+    # -- memory -----------------------------------------------------------------------
+    def _measure_activations(self, w: Tensor, x, y: Tensor) -> tuple[float, float]:
+        """Bytes autograd keeps for one chain's pass at a single point ``w`` (d,): per
+        example and per call, from passes over the first one and two examples."""
+        if self._activations is None:
+            inputs = list(x.values()) if isinstance(x, Mapping) else [x]
+            known = [w, y, *inputs, *self.frozen.values(), *self.module.parameters()]
+            totals = []
+            for k in (1, 2) if num_examples(x) > 1 else (1,):
+                leaf = w.detach().requires_grad_()
+                with torch.enable_grad(), self._context(False), SavedBytes(known) as saved:
+                    self.loss.per_example(self._forward(self.views(leaf),
+                                                        take(x, slice(0, k))), y[:k]).sum()
+                totals.append(saved.total)
+            per_example = totals[-1] - totals[0] if len(totals) > 1 else totals[0]
+            self._activations = (float(max(per_example, 0)),
+                                 float(max(totals[0] - per_example, 0)))
+        return self._activations
+
+    def _draft(self, w: Tensor, x, y: Tensor, num_chains: int, batch_size: int,
+               requested: int | None) -> MemoryPlan:
+        if self._budget is None:
+            self._budget = budget(self.max_memory, self.device)
+        per_example, per_call = self._measure_activations(w, x, y)
+        model_bytes = sum(t.numel() * t.element_size() for t in
+                          [*self.module.parameters(), *self.module.buffers()])
+        return plan(budget_bytes=self._budget[0], budget_source=self._budget[1],
+                    model_bytes=model_bytes, dim=self.dim,
+                    bytes_per_number=self.dtype.itemsize, activations_per_example=per_example,
+                    activations_per_call=per_call, num_chains=num_chains,
+                    batch_size=batch_size, requested=requested)
+
+    def _plan(self, w: Tensor, x, y: Tensor) -> MemoryPlan:
+        """The plan for sampling ``len(w)`` chains on minibatches like ``x`` (chains, B, …)."""
+        first_x, first_y = take(x, 0), y[0]
+        requested = self.chain_batch if isinstance(self.chain_batch, int) else None
+        return self._draft(w[0], first_x, first_y, len(w), num_examples(first_x), requested)
+
+    def _examples_per_pass(self, w: Tensor, x, y: Tensor, passes: float) -> int:
+        """Examples per chain in one evaluation pass at ``w`` ((d,) or (chains, d))."""
+        chains = 1 if w.dim() == 1 else len(w)
+        cap = max(1, _EVAL_CHUNK // chains)
+        if not self._planning:
+            return cap
+        draft = self.memory_plan or self._draft(w if w.dim() == 1 else w[0], x, y, chains,
+                                                1, 1)
+        examples = draft.examples_per_pass(chains, passes, cap)
+        self.largest_pass = max(self.largest_pass, draft.pass_bytes(
+            min(examples, num_examples(x)), chains, passes))
+        return examples
+
+    def memory_record(self) -> dict | None:
+        """The memory plan and the largest evaluation pass it sized (None unplanned)."""
+        return self.memory_plan.to_dict(self.largest_pass) if self.memory_plan else None
 
     def _try_compile(self) -> None:
         try:
@@ -366,7 +444,7 @@ class BatchedModel:
         """L_n at each chain's ``w`` (chains, d) over all of ``(x, y)``, chunked."""
         total = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         n = num_examples(x)
-        chunk = max(1, _EVAL_CHUNK // w.shape[0])
+        chunk = self._examples_per_pass(w, x, y, passes=1)
         with torch.no_grad(), self._context():
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
@@ -387,8 +465,9 @@ class BatchedModel:
         point ``w`` (d,), chunked (float64); ``shape`` of what it returns (default (d,))."""
         total = torch.zeros(shape or (self.dim,), dtype=torch.float64, device=w.device)
         n = num_examples(x)
-        for start in range(0, n, _EVAL_CHUNK):
-            part = slice(start, start + _EVAL_CHUNK)
+        chunk = self._examples_per_pass(w, x, y, passes=4 if second_order else 2)
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
             leaf = w.detach().requires_grad_()
             with torch.enable_grad(), self._context(False, second_order):
                 value = self.loss.per_example(self._forward(self.views(leaf), take(x, part)),
@@ -487,10 +566,11 @@ class BatchedModel:
         """Loss of every example at a single point ``w`` (d,), float64, shape (n,)."""
         out = []
         n = num_examples(x)
+        chunk = self._examples_per_pass(w, x, y, passes=1)
         with torch.no_grad(), self._context(batched=False):
             views = self.views(w)
-            for start in range(0, n, _EVAL_CHUNK):
-                part = slice(start, start + _EVAL_CHUNK)
+            for start in range(0, n, chunk):
+                part = slice(start, start + chunk)
                 values = self.loss.per_example(self._forward(views, take(x, part)), y[part])
                 if values.shape != (len(y[part]),):
                     raise ValueError("loss_fn must reduce to one value per example; per-example "

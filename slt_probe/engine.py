@@ -70,6 +70,8 @@ def run_estimate(model: BatchedModel, w_star: Tensor, source, settings: Estimate
     config["compute_path"] = model.path
     config["compute_path_note"] = model.path_note
     config["compute_path_seconds_per_step"] = dict(model.path_timings)
+    config["chains_at_once"] = model.group(settings.num_chains)
+    config["memory_plan"] = model.memory_record()
     config["seconds"] = time.perf_counter() - started
     return accumulator.compute(diverged=diverged, diverged_at=diverged_at, config=config)
 

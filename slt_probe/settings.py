@@ -14,6 +14,7 @@ import torch
 
 from . import batched_model
 from .estimator import ESTIMATORS, LOSS_ON
+from .memory_plan import parse_bytes
 from .samplers import SGLD, Sampler, check_positive
 
 BACKENDS = ("native", "devinterp")
@@ -78,7 +79,12 @@ class EstimateSettings:
             it for a custom loss where that cannot be computed).
         calibration_grid: what ``sampler="auto"`` searches (a ``CalibrationGrid``).
         compile: compile the batched gradient with ``torch.compile``.
-        chain_batch: compute at most this many chains at once (memory); same numbers.
+        chain_batch: compute at most this many chains at once; ``"auto"`` (default) as
+            many as fit ``max_memory`` (planned on the first batch, recorded in
+            ``config["memory_plan"]``); ``None`` all at once. Same numbers either way.
+        max_memory: the memory budget for sampling: bytes or a size like ``"8GB"``
+            (default: 70 % of the GPU's free memory, 50 % of the system's available
+            memory on a CPU).
         precision: ``"float32"``, or ``"bfloat16"``/``"float16"`` autocast for the forward
             and backward passes (losses and λ̂ still accumulate in float32/float64).
         device: where to sample (default: where the model's parameters are).
@@ -116,7 +122,8 @@ class EstimateSettings:
     reference_loss: float | None = None
     calibration_grid: object = None
     compile: bool = False
-    chain_batch: int | None = None
+    chain_batch: int | str | None = "auto"
+    max_memory: int | str | None = None
     precision: str = "float32"
     device: str | None = None
     compute_path: str = "auto"
@@ -169,8 +176,10 @@ class EstimateSettings:
             raise ValueError("calibration_grid applies only to sampler='auto'")
         if not isinstance(self.compile, bool):
             raise TypeError(f"compile must be True or False, got {self.compile!r}")
-        if self.chain_batch is not None:
+        if self.chain_batch not in (None, "auto"):
             _check_int("chain_batch", self.chain_batch, 1)
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stream not in (None, True, False):
@@ -224,7 +233,8 @@ class EstimateSettings:
                 "gradient_correction": self.gradient_correction,
                 "max_excess_ratio": self.max_excess_ratio,
                 "reference_loss": self.reference_loss, "compile": self.compile,
-                "chain_batch": self.chain_batch, "precision": self.precision,
+                "chain_batch": self.chain_batch, "max_memory": self.max_memory,
+                "precision": self.precision,
                 "device": None if self.device is None else str(self.device),
                 "compute_path": self.compute_path, "stream": self.stream}
 
