@@ -40,7 +40,10 @@ COMPUTE_PATHS = ("vmap", "vmap, fused attention", "vmap, math attention", "loop 
 _AUTO_ORDER = ("vmap, fused attention", "vmap, math attention", "loop over chains")
 # a fallback path replaces the earlier one only when it is this much faster per step
 FALLBACK_MARGIN = 0.8
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# precision -> autocast dtype ("tf32" keeps float32 tensors, its matrix products on a GPU's
+# tensor cores read 10-bit mantissas)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              "tf32": None}
 
 
 def select_output(out, output=None) -> Tensor:
@@ -75,6 +78,18 @@ def select_output(out, output=None) -> Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _tf32():
+    """TF32 matrix products and convolutions inside, the previous setting restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    previous = matmul.fp32_precision, cudnn.fp32_precision
+    matmul.fp32_precision = cudnn.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = previous
+
+
 def take(x, index):
     """``x[index]`` for a tensor or a dict of tensors (keyword inputs)."""
     if isinstance(x, Mapping):
@@ -100,8 +115,9 @@ class BatchedModel:
             numbers are those of one group.
         max_memory: the budget for sampling, bytes or a size like ``"8GB"`` (default: a
             fraction of the memory free now); also sizes the evaluation passes.
-        precision: ``"float32"`` (default), or ``"bfloat16"``/``"float16"`` autocast for the
-            forward and backward passes; losses are then accumulated in float32/float64.
+        precision: ``"float32"`` (default), ``"bfloat16"``/``"float16"`` autocast for the
+            forward and backward passes (losses then accumulated in float32/float64), or
+            ``"tf32"``: float32 with TF32 matrix products and convolutions (CUDA only).
         device: where to sample (default: where the model's parameters are).
         path: one of ``COMPUTE_PATHS``, or ``"auto"`` (the fastest that works, chosen on
             the first batch).
@@ -143,6 +159,10 @@ class BatchedModel:
         target = torch.device(device) if device is not None else self.layout.device
         if target.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {target} was asked for but CUDA is not available here")
+        if precision == "tf32" and target.type != "cuda":
+            raise ValueError(f"precision='tf32' is a CUDA setting (tensor-core matrix "
+                             f"products); the model is sampled on {target}: use 'float32' "
+                             "or 'bfloat16'")
         self.layout = dataclasses.replace(
             self.layout, dtype=torch.float32 if self.upcast else self.layout.dtype,
             device=target)
@@ -221,6 +241,8 @@ class BatchedModel:
             self._routed = stack.enter_context(chains_join_the_batch())
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.precision_name == "tf32":
+            stack.enter_context(_tf32())
         return stack
 
     def _forward(self, params: dict[str, Tensor], x) -> Tensor:
@@ -549,6 +571,8 @@ class BatchedModel:
         if self.autocast_dtype is not None:
             return (f"{self.precision_name} autocast for forward and backward; weights, steps "
                     "and losses in float32/float64")
+        if self.precision_name == "tf32":
+            return "float32 with TF32 matrix products and convolutions"
         return str(self.dtype).replace("torch.", "")
 
     def output_sample(self, w: Tensor, x) -> Tensor:

@@ -85,8 +85,9 @@ class EstimateSettings:
         max_memory: the memory budget for sampling: bytes or a size like ``"8GB"``
             (default: 70 % of the GPU's free memory, 50 % of the system's available
             memory on a CPU).
-        precision: ``"float32"``, or ``"bfloat16"``/``"float16"`` autocast for the forward
-            and backward passes (losses and λ̂ still accumulate in float32/float64).
+        precision: ``"float32"``, ``"bfloat16"``/``"float16"`` autocast for the forward
+            and backward passes (losses and λ̂ still accumulate in float32/float64), or
+            ``"tf32"``: float32 tensors, TF32 matrix products (CUDA only).
         device: where to sample (default: where the model's parameters are).
         stream: ``None`` streams only data that cannot be indexed (iterable datasets) and
             reads map-style datasets into memory; ``True`` streams them too (examples

@@ -4,6 +4,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from slt_probe import SGLD, estimate_llc
+from slt_probe.batched_model import BatchedModel
+from slt_probe.losses import resolve_loss
 
 SETTINGS = dict(sampler=SGLD(lr=1e-3, localization=10.0), num_chains=3, num_draws=40,
                 num_burnin=10, batch_size=25, verbose=False)
@@ -125,3 +127,18 @@ def test_lower_precision_forward_keeps_weights_and_losses_in_float32(precision):
     assert low.llc_mean != full.llc_mean
     with pytest.raises(ValueError, match="precision"):
         estimate_llc(model, (x, y), precision="int8", **SETTINGS)
+
+
+def test_tf32_is_named_a_gpu_setting_and_its_context_restores_torchs_flags():
+    model, x, y = _problem()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="tf32.*CUDA setting"):
+            estimate_llc(model, (x, y), precision="tf32", **SETTINGS)
+    batched = BatchedModel(model, resolve_loss("cross_entropy"))
+    batched.precision_name = "tf32"  # as on a GPU, to read the context's flags on any machine
+    before = torch.backends.cuda.matmul.fp32_precision
+    with batched._context():
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    assert "TF32" in batched.precision
