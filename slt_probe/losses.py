@@ -74,6 +74,17 @@ def _ce(output: Tensor, target: Tensor) -> Tensor:
     return _ce_per_example(output, target).mean()
 
 
+def _next_token_per_example(output: Tensor, target: Tensor) -> Tensor:
+    if output.dim() != 3 or target.dim() != 2:
+        raise ValueError(f"next_token needs (batch, length, vocabulary) logits and (batch, "
+                         f"length) labels, got {tuple(output.shape)} and {tuple(target.shape)}")
+    return _ce_per_example(output[:, :-1], target[:, 1:])
+
+
+def _next_token(output: Tensor, target: Tensor) -> Tensor:
+    return _next_token_per_example(output, target).mean()
+
+
 def _rows(values: Tensor, batch: int) -> Tensor | None:
     """Per-example values (B,) from a callable's output: (B,) as is, (B, …) averaged over
     the rest; None when the output is not per example (a scalar)."""
@@ -117,7 +128,7 @@ def _callable_loss(fn) -> Loss:
 
 def check_output_and_targets(loss: Loss, output: Tensor, y: Tensor) -> None:
     """Named errors for targets the built-in losses cannot take (before torch's own)."""
-    if loss.name == "cross_entropy":
+    if loss.name in ("cross_entropy", "next_token"):
         if y.dtype.is_floating_point:
             raise TypeError("cross_entropy needs integer class labels as targets, got "
                             f"{y.dtype}; use loss_fn='mse' for real-valued targets or pass "
@@ -136,8 +147,11 @@ def check_output_and_targets(loss: Loss, output: Tensor, y: Tensor) -> None:
 
 
 def resolve_loss(loss_fn) -> Loss:
-    """The ``Loss`` for ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"`` or a callable
-    ``(output, target) -> loss`` (a batch mean, or per-example values).
+    """The ``Loss`` for ``"cross_entropy"``, ``"mse"``, ``"gaussian_nll"``,
+    ``"next_token"`` (a causal language model's loss: each position's logits against the
+    next position's label, so the labels are the input ids themselves, as Hugging Face's
+    causal-LM ``labels``; -100 is ignored) or a callable ``(output, target) -> loss`` (a
+    batch mean, or per-example values).
 
     Examples:
         >>> resolve_loss("mse").per_example(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
@@ -150,8 +164,10 @@ def resolve_loss(loss_fn) -> Loss:
             return Loss("mse", _mse, _mse_per_example, vectorised=True)
         if loss_fn == "gaussian_nll":
             return Loss("gaussian_nll", _gaussian_nll, _gaussian_nll_per_example, vectorised=True)
-        raise ValueError("loss_fn must be 'cross_entropy', 'mse', 'gaussian_nll' or a callable; "
-                         f"got {loss_fn!r}")
+        if loss_fn == "next_token":
+            return Loss("next_token", _next_token, _next_token_per_example, vectorised=True)
+        raise ValueError("loss_fn must be 'cross_entropy', 'mse', 'gaussian_nll', 'next_token' "
+                         f"or a callable; got {loss_fn!r}")
     if callable(loss_fn):
         return _callable_loss(loss_fn)
     raise TypeError(f"loss_fn must be a string or a callable (output, target) -> loss; "

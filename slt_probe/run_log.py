@@ -35,7 +35,8 @@ LOCK_NAME = ".writer.lock"
 LLC_COLUMNS = ["step", "llc_mean", "llc_std", "llc_sem", "effective_params", "init_loss",
                "mean_sampled_loss", "excess_ratio", "local", "healthy", "reasons", "rhat",
                "ess", "num_diverged", "sampler", "lr", "localization", "nbeta",
-               "gradient_correction", "num_chains", "num_draws", "seconds"]
+               "gradient_correction", "num_chains", "num_draws", "compute_path",
+               "chains_at_once", "seconds"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -265,7 +266,8 @@ class TrajectoryLog:
 
 def row_from_result(result, seconds: float) -> dict:
     """The ``llc.csv`` columns of one estimate: λ̂, how local and healthy it is and why
-    not, and how it was obtained (sampler, ε, γ, nβ, correction, chains, draws)."""
+    not, and how it was obtained (sampler, ε, γ, nβ, correction, chains, draws, the
+    computation path and how many chains it computed at once)."""
     d = result.diagnostics
     c = result.config
     finite = lambda v: v if v is not None and np.isfinite(v) else None  # noqa: E731
@@ -283,4 +285,5 @@ def row_from_result(result, seconds: float) -> dict:
             "gradient_pull": c.get("gradient_pull"),
             "critical_point": "not_a_critical_point" not in d.get("reasons", []),
             "num_chains": c.get("num_chains"), "num_draws": c.get("num_draws"),
+            "compute_path": c.get("compute_path"), "chains_at_once": c.get("chains_at_once"),
             "seconds": seconds}

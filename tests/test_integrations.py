@@ -3,6 +3,7 @@ trainers, TensorBoard event files and W&B offline runs read back, the step under
 gradient accumulation and AMP's skipped steps, and training left bit-identical."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -293,6 +294,60 @@ def test_hf_callback_estimates_at_optimizer_steps_under_accumulation_and_leaves_
     logged = [h for h in trainer.state.log_history if "llc/mean" in h]
     assert [h["step"] for h in logged] == [0, 4, 8, 12]
     assert [h["llc/mean"] for h in logged] == pytest.approx([r["llc_mean"] for r in rows])
+
+
+class _Sentences(torch.utils.data.Dataset):
+    """Token sequences of a counting language (each token is the previous one + a step, mod
+    the vocabulary), with causal-LM labels: the input ids themselves."""
+
+    def __init__(self, n=64, length=12, vocab=17, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        step = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + step * torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_hf_callback_on_a_gpt2_language_model_uses_fused_attention_and_the_next_token_loss(
+        tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from slt_probe.integrations.hf import LLCCallback
+
+    def train(callback):
+        transformers.set_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=17,
+                                         n_positions=16, attn_implementation="sdpa")
+        model = transformers.GPT2LMHeadModel(config)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "hf"), max_steps=40, per_device_train_batch_size=16,
+            learning_rate=3e-3, report_to=[], save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, use_cpu=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Sentences(),
+                                       callbacks=[callback] if callback else [])
+        trainer.train()
+        return model
+
+    callback = LLCCallback(_Sentences(), every=20, log_dir=tmp_path / "llc",
+                           loss_fn="next_token", **{**PROBE, "num_draws": 30})
+    with_probe, without = train(callback), train(None)
+    for a, b in zip(with_probe.parameters(), without.parameters()):
+        assert torch.equal(a, b)
+    rows = read_rows(tmp_path / "llc" / "llc.csv")
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    # the counting language is learnt: the loss falls well below the uniform log 17
+    assert rows[-1]["init_loss"] < 0.7 * math.log(17) < rows[0]["init_loss"]
+    assert rows[-1]["llc_mean"] > rows[0]["llc_mean"]
+    manifest = json.loads((tmp_path / "llc" / "manifest.json").read_text())
+    assert manifest["request"]["loss_fn"] == "next_token"
+    # GPT-2's sdpa attention ran fused over the chains, or as the loop where that was faster
+    assert {r["compute_path"] for r in rows} <= {"vmap, fused attention", "loop over chains"}
+    assert all(r["chains_at_once"] == 2 for r in rows)
 
 
 # the Hugging Face example (about 30 s: it builds and trains a model end to end) runs in
