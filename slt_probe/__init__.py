@@ -5,6 +5,7 @@ from .api import estimate_llc
 from .calibration import Calibration, CalibrationError, CalibrationGrid, calibrate
 from .diagnostics import ess_bulk, ess_tail, excess_ratio, rank_rhat
 from .estimator import DrawRecord, LLCAccumulator, LLCResult, llc_from_losses
+from .memory_plan import MemoryBudgetError, MemoryPlan
 from .probe import LLCProbe, llc_trajectory, log_spaced_steps
 from .quadratic_baseline import QuadraticLLC, quadratic_llc
 from .refined import estimate_restricted
@@ -22,4 +23,4 @@ __all__ = ["estimate_llc", "estimate_restricted", "EstimateSettings", "default_n
            "LLCProbe", "llc_trajectory", "log_spaced_steps", "plot_trajectory", "plot_trace",
            "plot_calibration", "quadratic_llc", "QuadraticLLC", "calibrate", "Calibration",
            "CalibrationError", "CalibrationGrid", "DrawRecord", "rank_rhat", "ess_bulk",
-           "ess_tail", "excess_ratio", "__version__"]
+           "ess_tail", "excess_ratio", "MemoryBudgetError", "MemoryPlan", "__version__"]
