@@ -32,6 +32,7 @@ from .engine import run_estimate
 from .executors import Task, make_executor
 from .gradient_evidence import GRADIENT_SUMMARY_KEYS
 from .losses import resolve_loss
+from .refined import run_restricted
 from .run_log import (
     LLC_COLUMNS,
     TrajectoryLog,
@@ -57,6 +58,22 @@ def log_spaced_steps(last_step: int, num: int = 40, first_step: int = 1) -> list
                          f"first_step={first_step}, last_step={last_step}, num={num}")
     grid = np.geomspace(first_step, last_step, num)
     return sorted({int(round(s)) for s in grid})
+
+
+def _checked_restrictions(restrictions, settings: EstimateSettings) -> dict:
+    if not restrictions:
+        return {}
+    if not isinstance(restrictions, Mapping):
+        raise TypeError("restrictions must map a name to what restrict_to takes, got "
+                        f"{type(restrictions).__name__}")
+    if settings.restrict_to is not None:
+        raise ValueError("give restrict_to or restrictions, not both: the row's λ̂ is the "
+                         "whole model's, the restrictions' are its columns")
+    for name in restrictions:
+        if not isinstance(name, str) or not name or any(c in name for c in "[]/,"):
+            raise ValueError(f"restriction names must be non-empty strings without '[', "
+                             f"']', '/' or ',' (they name columns and metrics), got {name!r}")
+    return dict(restrictions)
 
 
 class LLCProbe:
@@ -86,6 +103,11 @@ class LLCProbe:
             ``slt_probe.integrations`` are such callables).
         exclude_from_copy: objects the model refers to that the probe's private copy of
             it must not copy (a training framework's trainer).
+        restrictions: name → what ``restrict_to`` takes (e.g.
+            ``slt_probe.restrictions.attention_heads(model)``): at every estimate, each
+            restriction's λ̂ too, all in one batched run with the probe's sampler, as
+            columns ``llc[name]``, ``llc_sem[name]`` and ``healthy[name]`` of the row
+            (loggers get ``llc/name``).
         verbose: progress bars.
 
     One probe writes a ``log_dir`` at a time: a second writer (another process, or
@@ -114,7 +136,8 @@ class LLCProbe:
                  steps: Iterable[int] | None = None, log_dir: str | Path | None = None,
                  at_start: bool = True, calibrate_at: int | None = None,
                  resume_changed_settings: bool = False, on_estimate=None,
-                 exclude_from_copy=(), verbose: bool = True, **overrides):
+                 exclude_from_copy=(), restrictions: Mapping[str, object] | None = None,
+                 verbose: bool = True, **overrides):
         if data is None:
             raise ValueError("data is required: the probe estimates λ̂ on the training data")
         if on_estimate is not None and not callable(on_estimate):
@@ -140,6 +163,7 @@ class LLCProbe:
                                          or not isinstance(calibrate_at, int) or calibrate_at < 0):
             raise ValueError(f"calibrate_at must be a step >= 0, got {calibrate_at!r}")
         self.calibrate_at = calibrate_at
+        self.restrictions = _checked_restrictions(restrictions, self.settings)
         self.calibration: Calibration | None = None
         self._pending: dict[int, object] = {}  # step -> state_dict or its file
         self.source = as_source(data, stream=self.settings.stream)
@@ -155,7 +179,8 @@ class LLCProbe:
                    "num_examples": self.source.n, "num_params": self.batched.dim}
         manifest = {"started_at": datetime.now(timezone.utc).isoformat(), "request": request,
                     "settings": self.settings.to_dict(), "every": every,
-                    "steps": sorted(self.scheduled_steps), "versions": versions()}
+                    "steps": sorted(self.scheduled_steps), "versions": versions(),
+                    "restrictions": sorted(self.restrictions)}
         self._log = TrajectoryLog(log_dir, manifest, allow_changed=resume_changed_settings)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         held = self._log.manifest().get("gradient_correction_held") if log_dir else None
@@ -208,11 +233,19 @@ class LLCProbe:
             w_star = self.batched.load_point(state)
             result = run_estimate(self.batched, w_star, self.source, self.settings,
                                   verbose=self.verbose, desc=f"LLC step {step}")
-        if self.settings.gradient_correction == "auto":
-            self._hold_correction(result.config, step)
+            if self.settings.gradient_correction == "auto":
+                self._hold_correction(result.config, step)
+            restricted = run_restricted(
+                self.batched, w_star, self.source, self.settings, self.restrictions,
+                verbose=self.verbose, desc=f"LLC step {step}, {len(self.restrictions)} "
+                "restrictions") if self.restrictions else {}
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
-        return self.record(step, row_from_result(result, seconds))
+        row = row_from_result(result, seconds)
+        for name, value in restricted.items():
+            row.update({f"llc[{name}]": value.llc_mean, f"llc_sem[{name}]": value.llc_sem,
+                        f"healthy[{name}]": value.diagnostics["healthy"]})
+        return self.record(step, row)
 
     def _hold_correction(self, config: dict, step: int) -> None:
         """One estimator per trajectory: with an explicit sampler, ``"auto"`` is decided at

@@ -60,9 +60,18 @@ def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, objec
     started = time.perf_counter()
     prepared = prepare(model, data, settings, loss_fn=loss_fn, output=output,
                        label_key=label_key, verbose=verbose)
-    settings, source, batched, w_star, calibration = (
-        prepared.settings, prepared.source, prepared.batched, prepared.w_star,
-        prepared.calibration)
+    return run_restricted(prepared.batched, prepared.w_star, prepared.source,
+                          prepared.settings, restrictions, calibration=prepared.calibration,
+                          verbose=verbose, started=started)
+
+
+def run_restricted(batched, w_star, source, settings: EstimateSettings,
+                   restrictions: Mapping[str, object], *, calibration=None,
+                   verbose: bool = True, started: float | None = None,
+                   desc: str | None = None) -> dict[str, LLCResult]:
+    """``estimate_restricted`` on a built batched model at ``w_star`` with a fixed sampler
+    (the probe's form: its batched model and data are built once)."""
+    started = time.perf_counter() if started is None else started
     check_groupable(settings.sampler)  # before any point is measured
     if source.in_memory:
         source = source.to(batched.device)
@@ -86,7 +95,7 @@ def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, objec
     for record in driver.run(settings.num_draws, settings.num_burnin,
                              num_warmup=settings.num_warmup,
                              warmup_sampler=settings.warmup_sampler(), verbose=verbose,
-                             desc=f"LLC of {len(names)} restrictions"):
+                             desc=desc or f"LLC of {len(names)} restrictions"):
         for k, name in enumerate(names):
             accumulators[name].update(_rows_of(record, slice(k * chains, (k + 1) * chains)))
     seconds = time.perf_counter() - started

@@ -74,7 +74,9 @@ def test_tensorboard_sink_writes_the_probes_rows_at_their_steps(tmp_path):
     with pytest.raises(TypeError, match="SummaryWriter"):
         TensorBoardSink(42)
     sink = TensorBoardSink(tmp_path / "tb")  # a folder, as one first tries
-    probe = _train_loop({**PROBE, "every": 10, "on_estimate": sink}, tmp=tmp_path / "run")
+    probe = _train_loop({**PROBE, "every": 10, "on_estimate": sink,
+                         "restrictions": {"hidden": ["0"], "readout": ["2"]}},
+                        tmp=tmp_path / "run")
     sink.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -86,6 +88,37 @@ def test_tensorboard_sink_writes_the_probes_rows_at_their_steps(tmp_path):
         assert [v for _, v in logged] == pytest.approx([r[column] for r in rows], rel=1e-6)
     assert {"llc/healthy", "llc/excess_ratio"} <= set(events.Tags()["scalars"])
     assert len(probe.llc_rows()) == 4
+    # one series per restriction
+    for name in ("hidden", "readout"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"llc/{name}")]
+        assert [v for _, v in logged] == pytest.approx([r[f"llc[{name}]"] for r in rows],
+                                                       rel=1e-6)
+        assert {f"llc/{name}_sem", f"llc/{name}_healthy"} <= set(events.Tags()["scalars"])
+
+
+def test_a_probes_restrictions_are_the_estimates_of_one_restricted_run_at_those_weights(
+        tmp_path):
+    restrictions = {"hidden": ["0"], "readout": ["2"]}
+    probe = _train_loop({**PROBE, "every": 15, "restrictions": restrictions},
+                        tmp=tmp_path / "run")
+    rows = read_rows(tmp_path / "run" / "llc.csv")
+    assert [r["step"] for r in rows] == [0, 15, 30]
+    model = probe.model  # trained to step 30: the last row's weights
+    x, y = _data()
+    alone = slt_probe.estimate_restricted(model, (x, y), restrictions, **PROBE)
+    for name in restrictions:
+        assert rows[-1][f"llc[{name}]"] == pytest.approx(alone[name].llc_mean, rel=1e-9)
+        assert rows[-1][f"llc_sem[{name}]"] == pytest.approx(alone[name].llc_sem, rel=1e-9)
+        assert rows[-1][f"healthy[{name}]"] == alone[name].diagnostics["healthy"]
+    # the whole model's λ̂ is still the row's own, and the manifest names the restrictions
+    assert rows[-1]["llc_mean"] == pytest.approx(
+        slt_probe.estimate_llc(model, (x, y), **PROBE).llc_mean, rel=1e-9)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["restrictions"] == [
+        "hidden", "readout"]
+    with pytest.raises(ValueError, match="restriction names"):
+        slt_probe.LLCProbe(model, (x, y), restrictions={"a/b": ["0"]}, **PROBE)
+    with pytest.raises(ValueError, match="restrict_to or restrictions"):
+        slt_probe.LLCProbe(model, (x, y), restrictions={"a": ["0"]}, restrict_to=["2"], **PROBE)
 
 
 def _wandb_history(run_dir):
@@ -197,7 +230,8 @@ def test_lightning_callback_estimates_at_optimizer_steps_and_leaves_training_ide
     from slt_probe.integrations.lightning import LLCCallback
 
     x, y = _data(256)
-    callback = LLCCallback((x, y), every=20, log_dir=tmp_path / "llc", **PROBE)
+    callback = LLCCallback((x, y), every=20, log_dir=tmp_path / "llc",
+                           restrictions={"first": ["net.0"]}, **PROBE)
     with_probe, trainer = _lightning_fit(tmp_path, callback, accumulate)
     without, _ = _lightning_fit(tmp_path / "plain", None, accumulate)
     for a, b in zip(with_probe.parameters(), without.parameters()):
@@ -210,6 +244,7 @@ def test_lightning_callback_estimates_at_optimizer_steps_and_leaves_training_ide
     logged = [r for r in logged if r.get("llc/mean") is not None]
     assert [r["step"] for r in logged] == [0, 20, 40, 60]
     assert [r["llc/mean"] for r in logged] == pytest.approx([r["llc_mean"] for r in rows])
+    assert [r["llc/first"] for r in logged] == pytest.approx([r["llc[first]"] for r in rows])
 
 
 def test_lightning_callback_releases_its_log_folder_when_the_fit_raises(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 # row column -> metric name (after the prefix); booleans become 0/1
 METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
@@ -13,17 +14,30 @@ METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
            "mean_sampled_loss": "mean_sampled_loss", "init_loss": "init_loss",
            "healthy": "healthy", "local": "local", "rhat": "rhat", "ess": "ess",
            "num_diverged": "num_diverged", "seconds": "seconds"}
+# a restriction's columns (``LLCProbe(restrictions=...)``) and their metric suffixes
+RESTRICTION_COLUMN = re.compile(r"(llc|llc_sem|healthy)\[(.+)\]")
+RESTRICTION_SUFFIX = {"llc": "", "llc_sem": "_sem", "healthy": "_healthy"}
 
 
 def row_metrics(row: dict, prefix: str = "llc") -> dict[str, float]:
-    """``{f"{prefix}/{name}": value}`` for every numeric value of the row.
+    """``{f"{prefix}/{name}": value}`` for every numeric value of the row; a restriction's
+    columns ``llc[head0]``, ``llc_sem[head0]``, ``healthy[head0]`` become
+    ``{prefix}/head0``, ``{prefix}/head0_sem``, ``{prefix}/head0_healthy``.
 
     Examples:
         >>> row_metrics({"step": 3, "llc_mean": 1.5, "healthy": True, "rhat": None})
         {'llc/mean': 1.5, 'llc/healthy': 1.0}
+        >>> row_metrics({"llc[head0]": 2.0, "llc_sem[head0]": 0.1})
+        {'llc/head0': 2.0, 'llc/head0_sem': 0.1}
     """
     out = {}
-    for column, name in METRICS.items():
+    names = dict(METRICS)
+    for column in row:
+        match = RESTRICTION_COLUMN.fullmatch(column)
+        if match:
+            kind, restriction = match.groups()
+            names[column] = restriction + RESTRICTION_SUFFIX[kind]
+    for column, name in names.items():
         value = row.get(column)
         if isinstance(value, bool):
             value = float(value)
