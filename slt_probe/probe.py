@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -390,27 +390,81 @@ class LLCProbe:
                 "fraction": self.probe_seconds / wall if wall and wall > 0 else float("nan")}
 
 
-@dataclass
-class Trajectory:
-    """λ̂ over checkpoints: the rows, and the settings and calibration behind them."""
+class Trajectory(list):
+    """λ̂ over checkpoints: the rows (this list, by step), and the settings and calibration
+    behind them."""
 
-    rows: list[dict]
-    settings: EstimateSettings
-    calibration: Calibration | None
+    def __init__(self, rows: list[dict], settings: EstimateSettings,
+                 calibration: Calibration | None):
+        super().__init__(rows)
+        self.settings = settings
+        self.calibration = calibration
+
+    @property
+    def rows(self) -> list[dict]:
+        return list(self)
 
     def manifest(self) -> dict:
         return {"settings": self.settings.to_dict(),
                 "calibration": None if self.calibration is None else self.calibration.to_dict()}
 
 
-def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
-                        settings: EstimateSettings | None = None, *,
-                        steps: Iterable[int] | None = None, loss_fn="cross_entropy",
-                        output=None, calibrate_on: int = -1,
-                        log_dir: str | Path | None = None, verbose: bool = True,
-                        load: Callable = torch.load, executor=None,
-                        **overrides) -> Trajectory:
-    """``llc_trajectory`` with the settings and calibration it used."""
+def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSettings, *,
+                   loss_fn, output, load: Callable, step: int) -> tuple[int, dict]:
+    """One checkpoint's ``llc.csv`` row, as a task of a sweep executor: the estimate runs
+    on a copy of ``model`` holding the checkpoint; the driver writes the row."""
+    state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
+    local = copy.deepcopy(model)
+    local.load_state_dict(state)
+    started = time.perf_counter()
+    result = estimate_llc(local, data, settings, loss_fn=loss_fn, output=output, verbose=False)
+    return step, row_from_result(result, time.perf_counter() - started)
+
+
+def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
+                   settings: EstimateSettings | None = None, *,
+                   steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
+                   calibrate_on: int = -1, log_dir: str | Path | None = None,
+                   verbose: bool = True, load: Callable = torch.load, executor=None,
+                   **overrides) -> Trajectory:
+    """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
+
+    Args:
+        model: supplies the architecture; it is left as it was.
+        checkpoints: state_dicts or paths to them.
+        data, settings, loss_fn, output, **overrides: as for ``estimate_llc``.
+        steps: the step of each checkpoint (default 0, 1, 2, …).
+        calibrate_on: with ``sampler="auto"``, the index of the checkpoint the one
+            calibration runs on (default: the last, the most trained).
+        log_dir: rows go to ``log_dir/llc.csv``; steps already there are skipped.
+        verbose: a progress bar over checkpoints.
+        executor: ``None`` estimates the checkpoints here, one after another;
+            ``"serial"``, ``"ray"`` or an executor from ``slt_probe.executors`` runs each
+            checkpoint as an independent task (one thread each; on Ray, paths must be
+            readable by the workers). The calibration runs first, here; rows are
+            written by this process only. The same seed gives the same rows on every
+            executor.
+
+    Returns:
+        The rows, one per checkpoint, by step: a ``Trajectory`` (a list) that also holds
+        the settings used (``.settings``) and the calibration (``.calibration``).
+
+    Raises:
+        ValueError, TypeError: no checkpoints, steps that do not match them, or a
+            checkpoint that is not a state_dict or a path.
+
+    Examples:
+        >>> import torch, slt_probe
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+        >>> states = [{k: v * s for k, v in net.state_dict().items()} for s in (0.5, 1.0)]
+        >>> rows = slt_probe.llc_trajectory(net, states, (x, y), steps=[10, 20],
+        ...                                 num_draws=5, num_chains=2, verbose=False)
+        >>> [r["step"] for r in rows], all("excess_ratio" in r for r in rows)
+        ([10, 20], True)
+    """
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("checkpoints is empty")
@@ -460,64 +514,3 @@ def estimate_trajectory(model: nn.Module, checkpoints: Iterable, data,
         probe.detach()
     return Trajectory(rows=probe.history, settings=probe.settings,
                       calibration=probe.calibration)
-
-
-def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSettings, *,
-                   loss_fn, output, load: Callable, step: int) -> tuple[int, dict]:
-    """One checkpoint's ``llc.csv`` row, as a task of a sweep executor: the estimate runs
-    on a copy of ``model`` holding the checkpoint; the driver writes the row."""
-    state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    if not isinstance(state, Mapping):
-        raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
-    local = copy.deepcopy(model)
-    local.load_state_dict(state)
-    started = time.perf_counter()
-    result = estimate_llc(local, data, settings, loss_fn=loss_fn, output=output, verbose=False)
-    return step, row_from_result(result, time.perf_counter() - started)
-
-
-def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
-                   settings: EstimateSettings | None = None, *,
-                   steps: Iterable[int] | None = None, loss_fn="cross_entropy", output=None,
-                   calibrate_on: int = -1, log_dir: str | Path | None = None,
-                   verbose: bool = True, load: Callable = torch.load, executor=None,
-                   **overrides) -> list[dict]:
-    """λ̂ over saved checkpoints (state_dicts or paths) with one sampler for all.
-
-    Args:
-        model: supplies the architecture; it is left as it was.
-        checkpoints: state_dicts or paths to them.
-        data, settings, loss_fn, output, **overrides: as for ``estimate_llc``.
-        steps: the step of each checkpoint (default 0, 1, 2, …).
-        calibrate_on: with ``sampler="auto"``, the index of the checkpoint the one
-            calibration runs on (default: the last, the most trained).
-        log_dir: rows go to ``log_dir/llc.csv``; steps already there are skipped.
-        verbose: a progress bar over checkpoints.
-        executor: ``None`` estimates the checkpoints here, one after another;
-            ``"serial"``, ``"ray"`` or an executor from ``slt_probe.executors`` runs each
-            checkpoint as an independent task (one thread each; on Ray, paths must be
-            readable by the workers). The calibration runs first, here; rows are
-            written by this process only. The same seed gives the same rows on every
-            executor.
-
-    Returns:
-        The rows, one per checkpoint, by step.
-
-    Raises:
-        ValueError, TypeError: no checkpoints, steps that do not match them, or a
-            checkpoint that is not a state_dict or a path.
-
-    Examples:
-        >>> import torch, slt_probe
-        >>> net = torch.nn.Linear(2, 2)
-        >>> x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
-        >>> states = [{k: v * s for k, v in net.state_dict().items()} for s in (0.5, 1.0)]
-        >>> rows = slt_probe.llc_trajectory(net, states, (x, y), steps=[10, 20],
-        ...                                 num_draws=5, num_chains=2, verbose=False)
-        >>> [r["step"] for r in rows], all("excess_ratio" in r for r in rows)
-        ([10, 20], True)
-    """
-    return estimate_trajectory(model, checkpoints, data, settings, steps=steps,
-                               loss_fn=loss_fn, output=output, calibrate_on=calibrate_on,
-                               log_dir=log_dir, verbose=verbose, load=load,
-                               executor=executor, **overrides).rows

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
-from ..probe import estimate_trajectory
+from ..probe import llc_trajectory
 from ..quadratic_baseline import quadratic_llc
 from ..reports import plot_grokking
 from ..run_log import CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic
@@ -82,7 +82,7 @@ def estimate_regime(config: GrokkingConfig, run: TrainedRun, act: str, seed: int
     steps = sorted(run.checkpoints)
     reference = run.memorised_step()
     data = (run.task.x_train, run.task.targets(run.task.y_train, config.loss))
-    trajectory = estimate_trajectory(build_model(config, act, seed),
+    trajectory = llc_trajectory(build_model(config, act, seed),
                                      [run.checkpoints[s] for s in steps], data, settings,
                                      steps=steps, loss_fn=config.loss,
                                      calibrate_on=steps.index(reference), log_dir=out,

@@ -44,7 +44,7 @@ from ..executors import SerialExecutor, Task
 from ..losses import resolve_loss
 from ..mnist import load_available_mnist
 from ..models import ModAddMLP, mlp, modadd_data
-from ..probe import estimate_trajectory
+from ..probe import llc_trajectory
 from ..reports import markdown_table, mean_pm_std, plot_homogeneity
 from ..run_log import versions, write_csv_atomic, write_json_atomic, write_text_atomic
 from ..settings import EstimateSettings
@@ -210,7 +210,7 @@ def estimate_width(config: HomogeneityConfig, width: int, states: list[dict],
                                 calibration_grid=CalibrationGrid(max_chains=16))
     if calibration is not None:
         settings = Calibration.from_dict(calibration).apply(settings)
-    trajectory = estimate_trajectory(build_network(config, width, 0), states,
+    trajectory = llc_trajectory(build_network(config, width, 0), states,
                                      (x, _targets(config, labels)), settings,
                                      loss_fn=config.loss, calibrate_on=0, verbose=False)
     return {"rows": trajectory.rows,
