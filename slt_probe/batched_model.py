@@ -348,8 +348,13 @@ class BatchedModel:
             warnings.warn(f"this model cannot run with {errors[0].split(':')[0]} "
                           f"({self.path_note}); its chains run as '{self.path}' (same "
                           "numbers, another speed)", RuntimeWarning, stacklevel=4)
-        if self._compile and self.path != "loop over chains":
+        if self._compile and self.path == "vmap":
             self._try_compile()
+        elif self._compile:
+            # the compiled form is vmap(grad(...)), which the other paths are not
+            self.path_note = "; ".join(filter(None, [
+                self.path_note, f"compile=True applies to the plain vmap path only; "
+                                f"'{self.path}' runs eagerly"]))
 
     def _time_path(self, path: str, w: Tensor, x, y: Tensor, repeats: int = 2) -> float:
         """Seconds per gradient of all chains on ``path`` (the best of a few, after one

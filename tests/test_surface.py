@@ -93,6 +93,16 @@ def test_compiled_sampling_gives_the_eager_estimate():
     compiled = estimate_llc(model, (x, y), compile=True, **settings)
     assert compiled.config["compiled"] is True
     np.testing.assert_allclose(compiled.llc_trace, eager.llc_trace, rtol=1e-3, atol=1e-3)
+    # the compiled form is vmap(grad(...)): a model on another path runs eagerly and says so
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    tokens = torch.randn(40, 5, 8)
+    attention = estimate_llc(torch.nn.Sequential(layer, torch.nn.Flatten(),
+                                                 torch.nn.Linear(40, 2)),
+                             (tokens, torch.randint(0, 2, (40,))), compile=True,
+                             compute_path="vmap, fused attention",
+                             **{**settings, "batch_size": 10, "num_draws": 3})
+    assert attention.config["compiled"] is False
+    assert "plain vmap path only" in attention.config["compute_path_note"]
 
 
 def test_the_command_line_estimates_and_reports(tmp_path, capsys):
