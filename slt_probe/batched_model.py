@@ -287,7 +287,8 @@ class BatchedModel:
         """One forward per chain, one backward for all: for layers without batching rules."""
         leaf = w.detach().requires_grad_()
         with torch.enable_grad(), self._context():
-            outs = [self._forward(self.views(leaf[c]), take(x, c)) for c in range(len(w))]
+            rows = leaf.unbind(0)  # one stacking backward, not a (chains × d) one per chain
+            outs = [self._forward(self.views(rows[c]), take(x, c)) for c in range(len(w))]
             losses = self._chain_losses(torch.stack(outs), y)
             (flat,) = torch.autograd.grad(losses.sum(), [leaf])
         return losses.detach(), flat
