@@ -12,6 +12,7 @@ the computation path, the chains computed at once and the memory plan) and the t
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,10 @@ from slt_probe.integrations.hf import LLCCallback
 from slt_probe.run_log import read_rows, write_text_atomic
 
 VOCAB_USED, LENGTH, SEQUENCES = 97, 16, 32
+
+
+def peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 class CountingSentences(torch.utils.data.Dataset):
@@ -46,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-memory", default=None,
+                        help="the estimates' memory budget (default: the library's)")
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args(argv)
     transformers.set_seed(0)
@@ -54,7 +61,7 @@ def main(argv=None) -> None:
     data = CountingSentences()
     probe = dict(sampler=slt_probe.SGLD(lr=1e-7, localization=1000.0), loss_fn="next_token",
                  num_chains=args.chains, num_draws=args.draws, batch_size=8,
-                 device=args.device)
+                 device=args.device, max_memory=args.max_memory)
     out = Path(args.out)
     log_dir = out / "gpt2_llc"
     callback = LLCCallback(data, every=args.steps, log_dir=log_dir,
@@ -71,7 +78,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     ids = data.ids
     result = slt_probe.estimate_llc(model, ({"input_ids": ids}, ids), verbose=False,
-                                    **{**probe, "num_chains": 2 * args.chains})
+                                    **{**probe, "num_draws": 2 * args.draws})
     alone = time.perf_counter() - started
     plan = result.config["memory_plan"]
     lines = [f"Measured with `python benchmarks/gpt2.py {' '.join(argv or sys.argv[1:])}` "
@@ -89,7 +96,7 @@ def main(argv=None) -> None:
                      f"{row['reasons'] or 'healthy'} | {row['compute_path']} | "
                      f"{row['chains_at_once']} | {row['seconds']:.0f} |")
     verdict = ";".join(result.diagnostics["reasons"]) or "healthy"
-    lines.append(f"| estimate_llc | {args.steps} | {2 * args.chains} × {args.draws} | "
+    lines.append(f"| estimate_llc | {args.steps} | {args.chains} × {2 * args.draws} | "
                  f"{result.init_loss:.3f} | {result.llc_mean:.3g} ± {result.llc_sem:.2g} | "
                  f"{result.diagnostics.get('excess_ratio')} | {verdict} | "
                  f"{result.config['compute_path']} | {result.config['chains_at_once']} | "
@@ -97,7 +104,9 @@ def main(argv=None) -> None:
     lines += ["", f"Training with the callback took {trained:.0f} s. Memory plan of the last "
               f"estimate: budget {plan['budget'] / 1e9:.1f} GB ({plan['budget_source']}), "
               f"predicted peak {plan['predicted_peak'] / 1e9:.2f} GB, activations "
-              f"{plan['activations_per_example'] / 1e6:.1f} MB per sequence per chain."]
+              f"{plan['activations_per_example'] / 1e6:.1f} MB per sequence per chain; the "
+              f"process's peak resident memory was {peak_rss() / 1e9:.2f} GB (model, "
+              "trainer and optimizer state included)."]
     write_text_atomic(out / "gpt2.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
