@@ -189,6 +189,9 @@ def constant_predictor_loss(loss: Loss, output: Tensor, y: Tensor) -> float | No
         0.6931
     """
     with torch.no_grad():
+        sequence = _sequence_targets(loss, output, y)
+        if sequence is not None:
+            return _constant_sequence_loss(sequence, output.shape[-1])
         if not y.dtype.is_floating_point and output.dim() == 2:
             classes = output.shape[1]
             if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= classes:
@@ -206,6 +209,29 @@ def constant_predictor_loss(loss: Loss, output: Tensor, y: Tensor) -> float | No
     return value if math.isfinite(value) else None
 
 
+def _sequence_targets(loss: Loss, output: Tensor, y: Tensor) -> Tensor | None:
+    """The tokens a sequence loss scores ((batch, length) labels, shifted for next_token)."""
+    if loss.name not in ("cross_entropy", "next_token") or output.dim() != 3 or y.dim() != 2:
+        return None
+    return y[:, 1:] if loss.name == "next_token" else y
+
+
+def _constant_sequence_loss(targets: Tensor, vocabulary: int) -> float | None:
+    """Each sequence's mean over its counted tokens of −log(token frequency), averaged over
+    sequences: the loss of predicting the token frequencies everywhere."""
+    counted = targets != IGNORE_INDEX
+    tokens = targets[counted].long()
+    if len(tokens) == 0 or int(tokens.min()) < 0 or int(tokens.max()) >= vocabulary:
+        return None
+    freq = torch.bincount(tokens, minlength=vocabulary).double()
+    log_freq = torch.log(freq / freq.sum())
+    scored = torch.where(counted, -log_freq[targets.clamp_min(0).long()],
+                         torch.zeros((), dtype=torch.float64))
+    per_sequence = scored.sum(1) / counted.sum(1).clamp_min(1)
+    value = float(per_sequence.mean())
+    return value if math.isfinite(value) else None
+
+
 class ReferenceStats:
     """The constant predictor's loss over streamed targets, from running statistics (label
     counts; target sums and squares), for the built-in losses; None for a callable."""
@@ -216,8 +242,11 @@ class ReferenceStats:
         self.sums = self.squares = None
 
     def update(self, y: Tensor) -> None:
-        if self.loss.name == "cross_entropy":
-            counts = torch.bincount(y.reshape(-1).long(), minlength=self.output.shape[1])
+        sequence = _sequence_targets(self.loss, self.output, y)
+        if sequence is not None:  # token counts: the token-weighted entropy
+            y = sequence[sequence != IGNORE_INDEX]
+        if self.loss.name in ("cross_entropy", "next_token"):
+            counts = torch.bincount(y.reshape(-1).long(), minlength=self.output.shape[-1])
             self.sums = counts if self.sums is None else self.sums + counts
         else:
             flat = y.double().reshape(len(y), -1)
@@ -227,9 +256,10 @@ class ReferenceStats:
         self.count += len(y)
 
     def value(self) -> float | None:
-        if self.count == 0 or self.loss.name not in ("cross_entropy", "mse", "gaussian_nll"):
+        if self.count == 0 or self.loss.name not in ("cross_entropy", "next_token", "mse",
+                                                       "gaussian_nll"):
             return None
-        if self.loss.name == "cross_entropy":
+        if self.loss.name in ("cross_entropy", "next_token"):
             freq = self.sums.double() / self.sums.sum()
             freq = freq[freq > 0]
             return float(-(freq * freq.log()).sum())

@@ -303,3 +303,26 @@ def test_label_key_names_the_target_field_of_a_dict_dataset(tiny_classifier):
     from_dicts = estimate_llc(Reader(), _Dicts(x, y), label_key="target", **common)
     from_tuple = estimate_llc(model, (x, y), **common)
     assert from_dicts.llc_mean == pytest.approx(from_tuple.llc_mean, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", ["next_token", "cross_entropy"])
+def test_the_constant_predictor_of_a_sequence_loss_is_the_token_frequencies(loss_name):
+    from slt_probe.losses import ReferenceStats, constant_predictor_loss, resolve_loss
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (6, 7), generator=g)
+    labels[0, 4:] = -100  # padding counts for nothing
+    labels[3, :2] = -100
+    loss = resolve_loss(loss_name)
+    scored = labels[:, 1:] if loss_name == "next_token" else labels
+    counted = scored[scored != -100]
+    log_freq = torch.log(torch.bincount(counted, minlength=5).double() / len(counted))
+    constant = log_freq.clamp_min(-1e4).float().expand(6, 7, 5)  # the same logits everywhere
+    brute = float(loss.per_example(constant, labels).double().mean())
+    assert constant_predictor_loss(loss, torch.zeros(2, 7, 5), labels) == pytest.approx(
+        brute, rel=1e-6)
+    streamed = ReferenceStats(loss, torch.zeros(2, 7, 5))
+    streamed.update(labels[:3])
+    streamed.update(labels[3:])
+    entropy = float(-(log_freq.exp() * log_freq).sum())  # token-weighted
+    assert streamed.value() == pytest.approx(entropy, rel=1e-9)
