@@ -380,12 +380,11 @@ class BatchedModel:
         ``x`` and ``y`` carry one minibatch per chain on their leading dimension; the
         chains are computed in groups of ``chain_batch`` (planned on the first call).
         """
-        if self.path is None:
-            if self._planning:
-                self.memory_plan = self._plan(w, x, y)
-            self._choose_path(w[:self.group(len(w))], take(x, slice(0, self.group(len(w)))),
-                              y[:self.group(len(w))])
+        if self.path is None and self._planning:
+            self.memory_plan = self._plan(w, x, y)
         group = self.group(len(w))
+        if self.path is None:
+            self._choose_path(w[:group], take(x, slice(0, group)), y[:group])
         if group >= len(w):
             return self._grads(w, x, y)
         parts = [self._grads(w[a:a + group], take(x, slice(a, a + group)), y[a:a + group])

@@ -130,8 +130,7 @@ class MemoryPlan:
     @property
     def per_chain_step(self) -> float:
         """Activations of one chain's gradient on one minibatch."""
-        return (1 + BACKWARD_OVERHEAD) * (self.activations_per_call
-                                          + self.batch_size * self.activations_per_example)
+        return self.pass_bytes(self.batch_size, 1, 1 + BACKWARD_OVERHEAD)
 
     @property
     def held(self) -> int:
