@@ -471,6 +471,9 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
     steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(checkpoints):
         raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
+    if executor is not None and overrides.get("restrictions"):
+        raise ValueError("restrictions are estimated here, with the probe's batched model; "
+                         "leave executor=None to estimate them along checkpoints")
     probe = LLCProbe(model, data, settings, loss_fn=loss_fn, output=output, every=None,
                      steps=steps, log_dir=log_dir, verbose=False, **overrides)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}

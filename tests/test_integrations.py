@@ -119,6 +119,9 @@ def test_a_probes_restrictions_are_the_estimates_of_one_restricted_run_at_those_
         slt_probe.LLCProbe(model, (x, y), restrictions={"a/b": ["0"]}, **PROBE)
     with pytest.raises(ValueError, match="restrict_to or restrictions"):
         slt_probe.LLCProbe(model, (x, y), restrictions={"a": ["0"]}, restrict_to=["2"], **PROBE)
+    with pytest.raises(ValueError, match="leave executor=None"):
+        slt_probe.llc_trajectory(model, [model.state_dict()], (x, y), executor="serial",
+                                 restrictions=restrictions, **PROBE)
 
 
 def _wandb_history(run_dir):
