@@ -34,7 +34,7 @@ from .experiments.summary import (
 )
 from .experiments.sweeps import grokking_sweep
 from .ground_truth import problems
-from .ground_truth.validate import validate
+from .ground_truth.validate import rejudge, validate
 from .models import ACTIVATION_NAMES
 from .run_log import write_json_atomic, write_text_atomic
 from .samplers import SGLD
@@ -135,6 +135,9 @@ def _estimate(args) -> int:
 
 
 def _validate(args) -> int:
+    if args.rejudge:
+        rejudge(quick=args.quick, out=args.out, command=_command())
+        return 0
     validate(quick=args.quick, out=args.out, command=_command(), jobs=args.jobs, verbose=True)
     return 0
 
@@ -273,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out", default="results/validation")
     val.add_argument("--jobs", type=positive_int, default=2,
                      help="cases run at once, one process (and one thread) each")
+    val.add_argument("--rejudge", action="store_true",
+                     help="recompute the targets at the teachers for the finished run in "
+                          "--out (no sampling) and rewrite its table and figure")
     val.set_defaults(run=_validate)
     for name, helptext in (("grokking", "train a bundled grokking setup and estimate its "
                                         "LLC trajectory"),

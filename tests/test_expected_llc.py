@@ -6,6 +6,8 @@ from scipy import integrate
 
 from slt_probe import SGLD, estimate_llc
 from slt_probe.ground_truth import problems as km
+from slt_probe.ground_truth.validate import judged_error, rejudge
+from slt_probe.run_log import read_rows, write_csv_atomic
 from slt_probe.settings import default_nbeta
 
 
@@ -87,3 +89,53 @@ def test_sampler_follows_the_finite_n_expectation_where_it_departs_from_lambda()
                           verbose=False)
     assert result.llc_sem < 0.02 * expected
     assert result.llc_mean == pytest.approx(expected, rel=0.04)
+
+
+def test_teacher_pull_of_the_linear_model_is_the_exact_formulas_pull():
+    problem = km.regular(12, 1, 5_000, seed=3)
+    nbeta = default_nbeta(5_000)
+    # as γ → 0 the exact E[λ̂] at the teacher is d/2 less nβ·(L_n(w*) − L_n(ŵ))
+    without_pull = problem.expected_llc(nbeta=nbeta, localization=1e-9, corrected=True)
+    with_pull = problem.expected_llc(nbeta=nbeta, localization=1e-9)
+    assert problem.teacher_pull(nbeta) == pytest.approx(without_pull - with_pull, rel=2e-3)
+    assert problem.teacher_pull(nbeta) > 0.1
+
+
+def test_estimates_at_the_teacher_and_the_settled_minimum_differ_by_the_pull():
+    """The localised posterior around a deep linear network's teacher and around the
+    settled minimum nearby is the same distribution, so on the same Brownian path λ̂
+    differs by exactly the data's pull (a shape not used while building the rule)."""
+    teacher = km.deep_linear([4, 6, 3, 5], 1, 20_000, seed=7)
+    settled = km.deep_linear([4, 6, 3, 5], 1, 20_000, seed=7).settle()
+    nbeta = default_nbeta(20_000)
+    estimates = [estimate_llc(p.model, (teacher.x, teacher.y), loss_fn="gaussian_nll",
+                              sampler=SGLD(lr=3e-5, localization=3.0), num_chains=4,
+                              num_draws=3000, num_burnin=200, batch_size=500, seed=0,
+                              gradient_correction=False, verbose=False).llc_mean
+                 for p in (teacher, settled)]
+    pull = teacher.teacher_pull(nbeta)
+    assert pull > 0.1
+    assert estimates[1] - estimates[0] == pytest.approx(pull, rel=0.15)
+
+
+def test_rejudge_adds_the_target_at_a_teacher_without_sampling(tmp_path):
+    nbeta = default_nbeta(20_000)
+    row = {"case": "deep linear 6-4-4-6 r=1 at its teacher", "d": 64, "n": 20_000,
+           "true_lambda": 10.0, "true_lambda_exact": "10", "llc_mean": 8.0, "llc_std": 1.0,
+           "llc_sem": 0.1, "relative_error": -0.2, "tolerance": 0.1, "expected_llc": None,
+           "error_vs_expected": None, "healthy": True, "reasons": "", "excess_ratio": None,
+           "lr": 1e-5, "localization": 3.0, "nbeta": nbeta, "num_warmup": 0,
+           "warmup_lr": None, "num_burnin": 100, "num_draws": 2000, "num_chains": 8,
+           "mala_acceptance": 0.9, "calibration_seconds": 1.0, "estimate_seconds": 1.0,
+           "target_relative_sem": 0.03, "calibration": "", "note": "", "seconds": 2.0}
+    write_csv_atomic(tmp_path / "validation_full.csv", [row])
+    (tmp_path / "validation_full.md").write_text("Measured with `slt-probe validate`: …\n\n"
+                                                 "Wall time 9 s with 2 processes.\n")
+    rejudge(quick=False, out=tmp_path, command="slt-probe validate --rejudge")
+    (judged,) = read_rows(tmp_path / "validation_full.csv")
+    pull = km.deep_linear([6, 4, 4, 6], 1, 20_000).teacher_pull(nbeta)
+    assert judged["teacher_pull"] == pytest.approx(pull, rel=1e-6)
+    assert judged["teacher_target"] == pytest.approx(10.0 - pull, rel=1e-6)
+    assert judged_error(judged) == pytest.approx(8.0 / (10.0 - pull) - 1, rel=1e-6)
+    text = (tmp_path / "validation_full.md").read_text()
+    assert f"λ − pull {pull:.3g}" in text and "Wall time 9 s" in text

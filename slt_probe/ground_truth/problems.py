@@ -56,6 +56,24 @@ class KnownProblem:
         optimizer.zero_grad(set_to_none=True)
         return self
 
+    def loss(self) -> float:
+        """L_n at the current weights."""
+        with torch.no_grad():
+            return float(resolve_loss(self.loss_fn).batch(self.model(self.x), self.y))
+
+    def teacher_pull(self, nbeta: float) -> float:
+        """nβ·(L_n(w*) − L_n(w_s)), w_s the nearby settled minimum (a copy is settled).
+
+        λ̂ subtracts L_n at its own point, while the localised posterior around the teacher
+        and around w_s is the same distribution (the two points are O(n^-1/2) apart, the
+        posterior O((nβ)^-1/2) wide). So λ̂ at the teacher reads this much below λ̂ at
+        w_s, for any sampler: the part of the miss at a teacher that the data, not the
+        sampler, decide. For the linear model it is the pull term of ``expected_llc``
+        as γ → 0.
+        """
+        settled = copy.deepcopy(self).settle()
+        return nbeta * (self.loss() - settled.loss())
+
     def expected_llc(self, *, nbeta: float, localization: float,
                      corrected: bool = False) -> float | None:
         """E[λ̂] under the exact localised tempered posterior at the current w* (a minimum
