@@ -34,7 +34,7 @@ from .experiments.summary import (
 )
 from .experiments.sweeps import grokking_sweep
 from .ground_truth import problems
-from .ground_truth.validate import rejudge, validate
+from .experiments.validation import rejudge, validate
 from .models import ACTIVATION_NAMES
 from .run_log import write_json_atomic, write_text_atomic
 from .samplers import SGLD

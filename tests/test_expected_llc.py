@@ -6,7 +6,7 @@ from scipy import integrate
 
 from slt_probe import SGLD, estimate_llc
 from slt_probe.ground_truth import problems as km
-from slt_probe.ground_truth.validate import judged_error, rejudge
+from slt_probe.experiments.validation import judged_error, rejudge
 from slt_probe.run_log import read_rows, write_csv_atomic
 from slt_probe.settings import default_nbeta
 

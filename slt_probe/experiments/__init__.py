@@ -1,1 +1,2 @@
-"""Named experiment presets built from the library: grokking runs and activation comparisons."""
+"""Named experiments built from the library: grokking runs, activation comparisons,
+homogeneity across widths, and the ground-truth validation suite."""
