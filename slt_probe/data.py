@@ -131,6 +131,10 @@ class TensorSource:
         x = {k: move(v) for k, v in self.x.items()} if isinstance(self.x, Mapping) else move(self.x)
         return TensorSource(x, move(self.y))
 
+    def drawn_batch_size(self, requested: int) -> int:
+        """The examples per chain and step that ``batches(…, requested, …)`` yields."""
+        return min(requested, self.n)
+
     def batches(self, chains: int, batch_size: int, generator: torch.Generator,
                 device) -> Iterator[tuple]:
         """Endless (x, y, index) with shapes (chains, batch, …)."""
@@ -161,6 +165,10 @@ class MapSource:
         self.collate = collate or default_collate
         self.label_key = label_key
 
+    def drawn_batch_size(self, requested: int) -> int:
+        """The examples per chain and step that ``batches(…, requested, …)`` yields."""
+        return min(requested, self.n)
+
     def _fetch(self, indices) -> tuple:
         return _split(self.collate([self.dataset[int(i)] for i in indices]), self.label_key)
 
@@ -188,9 +196,16 @@ class IterableSource:
     def __init__(self, loader, label_key: str | None = None):
         self.loader = loader
         self.label_key = label_key
-        self.n = sum(len(y) for _, y in self.chunks())
+        sizes = [len(y) for _, y in self.chunks()]
+        self.n = sum(sizes)
         if self.n == 0:
             raise ValueError("data is empty: the iterable yielded no examples")
+        self._batch_size = sizes[0]
+
+    def drawn_batch_size(self, requested: int) -> int:
+        """The examples per chain and step: the data's own batch size (its first batch's;
+        ``requested`` does not apply to data that comes in batches)."""
+        return self._batch_size
 
     def _iterate(self):
         # a DataLoader's iterator draws its seed from the global RNG: give it a copy

@@ -81,7 +81,8 @@ def estimate_config(model: BatchedModel, source, settings: EstimateSettings, poi
                     correction_note: str = "") -> dict:
     """The ``config`` an estimate at ``point`` records before its chains run."""
     mask = point.mask
-    return {**settings.to_dict(), "num_examples": source.n, "nbeta": nbeta,
+    return {**settings.to_dict(), "num_examples": source.n,
+            "batch_size_drawn": source.drawn_batch_size(settings.batch_size), "nbeta": nbeta,
             "nbeta_source": nbeta_source,
             "num_params": model.dim,
             "num_sampled_params": int(mask.sum()) if mask is not None else model.dim,

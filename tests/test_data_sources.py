@@ -89,14 +89,17 @@ def test_an_iterable_dataset_is_streamed_pass_by_pass_without_touching_the_globa
     model, x, y = _problem()
     data = Batches(x, y, 25)
     rng = torch.get_rng_state()
-    long = {**SETTINGS, "num_chains": 8, "num_draws": 300}
+    long = {**SETTINGS, "num_chains": 8, "num_draws": 300, "batch_size": 40}
     result = estimate_llc(model, DataLoader(data, batch_size=None), **long)
     assert torch.equal(torch.get_rng_state(), rng)
     assert result.config["num_examples"] == 200 and result.config["data"] == "streamed"
+    # the data's own batches are what the chains draw, whatever batch_size says
+    assert long["batch_size"] != 25 and result.config["batch_size_drawn"] == 25
     # 8 chains × 310 steps of 25-example batches, 8 batches per pass, plus the passes that
     # count n, measure L_n(w*) and ∇L_n(w*)
     assert data.passes >= 8 * 310 // 8
     reference = estimate_llc(model, (x, y), **long)
+    assert reference.config["batch_size_drawn"] == min(long["batch_size"], 200)
     assert result.init_loss == pytest.approx(reference.init_loss, rel=1e-6)
     # other minibatches, the same posterior: equal within the chains' standard errors
     assert abs(result.llc_mean - reference.llc_mean) < 3 * (result.llc_sem + reference.llc_sem)
