@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import replace
 
@@ -50,7 +51,7 @@ def test_relative_gap_pairs_chains():
     assert gap == pytest.approx(2.0) and sem == pytest.approx(1.0)
 
 
-def _memorised_classifier():
+def _memorised_classifier(steps: int = 1500):
     """A 1,218-parameter MLP that has memorised 200 noisy labels: at nβ = n/log n = 38
     weak localisation lets its chains forget the fit, strong localisation does not."""
     g = torch.Generator().manual_seed(0)
@@ -60,7 +61,7 @@ def _memorised_classifier():
     model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
                                 torch.nn.Tanh(), torch.nn.Linear(32, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(1500):
+    for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -248,3 +249,22 @@ def test_the_step_ladder_stops_when_halving_the_step_stops_shrinking_the_gap():
     assert not gap_not_shrinking([(-0.19, 0.04), (-0.18, 0.04), (-0.12, 0.05)], 0.05)
     # only the last three halvings count
     assert gap_not_shrinking([(0.9, 0.1), (0.3, 0.02), (0.3, 0.02), (0.29, 0.02)], 0.05)
+
+
+def test_a_trajectory_calibrates_on_the_checkpoint_it_is_told_to(tmp_path):
+    model, x, y = _memorised_classifier(steps=400)
+    early = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = {k: v.clone() for k, v in _memorised_classifier()[0].state_dict().items()}
+    first = slt_probe.llc_trajectory(model, [early, trained], (x, y), steps=[0, 10],
+                                     calibrate_on=0, sampler="auto",
+                                     calibration_grid=SMALL_GRID, num_draws=30, batch_size=64,
+                                     log_dir=tmp_path, verbose=False)
+    assert json.loads((tmp_path / "manifest.json").read_text())["calibrated_at_step"] == 0
+    # it is the calibration of the early weights as calibrate() finds it there (the trained
+    # weights' is another: ε 3.75e-4 against 7.5e-4), held for both checkpoints
+    model.load_state_dict(early)
+    direct = calibrate(model, (x, y), EstimateSettings(
+        sampler="auto", calibration_grid=SMALL_GRID, num_draws=30, batch_size=64),
+        verbose=False)
+    assert first.calibration.sampler == direct.sampler
+    assert [r["lr"] for r in first] == [direct.sampler.lr] * 2
