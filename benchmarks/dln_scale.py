@@ -5,7 +5,9 @@
 The setup of Furman & Lau (2024): a deep linear network whose weights are a teacher of a
 given end-to-end rank, data generated from it with unit Gaussian noise, and λ̂ estimated
 at the teacher (w* = the teacher, β = 1/log n) with ``sampler="auto"``. For each size:
-widths (four layers of equal width w, so d = 4w²), rank w/4, the true λ (Aoyagi), λ̂ ± s.e.,
+widths (four layers of equal width w, so d = 4w²), rank w/4, the true λ (Aoyagi), the
+data's pull nβ·(L_n(teacher) − L_n(w_s)) (w_s the settled minimum nearby: λ̂ at the teacher
+reads that much below λ̂ at w_s for any sampler), λ̂ ± s.e. against λ and against λ − pull,
 the ε, γ and nβ the calibration chose, chains × draws, wall time and peak memory. Each
 size runs in its own process (one thread) so that its peak memory is its own. Appends to
 ``OUT/dln_scale.md``.
@@ -29,7 +31,8 @@ from slt_probe.ground_truth import problems
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
 
-HEADER = ["d", "widths", "rank", "n", "true λ", "λ̂ ± s.e.", "rel. error", "ε", "γ", "nβ",
+HEADER = ["d", "widths", "rank", "n", "true λ", "pull", "λ̂ ± s.e.", "rel. error",
+          "error vs λ − pull", "ε", "γ", "nβ",
           "chains × draws", "correction", "healthy", "calibration s", "estimate s",
           "peak RSS MB"]
 
@@ -45,10 +48,12 @@ def one_size(target: int, n: int, draws: int) -> dict:
     r = slt_probe.estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler="auto",
                                num_draws=draws, batch_size=500, verbose=False)
     truth = float(p.true_lambda)
+    pull = p.teacher_pull(r.nbeta)
     cal = r.config["calibration"]
     return {"d": p.num_params, "widths": "-".join(map(str, widths)), "rank": rank, "n": n,
             "true_lambda": truth, "llc_mean": r.llc_mean, "llc_sem": r.llc_sem,
-            "relative_error": r.llc_mean / truth - 1, "lr": r.config["sampler"]["lr"],
+            "relative_error": r.llc_mean / truth - 1, "pull": pull,
+            "error_vs_target": r.llc_mean / (truth - pull) - 1, "lr": r.config["sampler"]["lr"],
             "localization": r.config["sampler"]["localization"], "nbeta": r.nbeta,
             "num_chains": r.config["num_chains"], "num_draws": r.config["num_draws"],
             "correction": r.config["gradient_correction"],
@@ -60,7 +65,8 @@ def one_size(target: int, n: int, draws: int) -> dict:
 
 def _row(m: dict) -> list:
     return [f"{m['d']:,}", m["widths"], m["rank"], f"{m['n']:,}", f"{m['true_lambda']:g}",
-            f"{m['llc_mean']:.4g} ± {m['llc_sem']:.2g}", f"{m['relative_error']:+.1%}",
+            f"{m['pull']:.4g}", f"{m['llc_mean']:.4g} ± {m['llc_sem']:.2g}",
+            f"{m['relative_error']:+.1%}", f"{m['error_vs_target']:+.1%}",
             f"{m['lr']:.2g}", f"{m['localization']:g}", f"{m['nbeta']:.4g}",
             f"{m['num_chains']} × {m['num_draws']}", "on" if m["correction"] else "off",
             "yes" if m["healthy"] else "no", f"{m['calibration_seconds']:.0f}",

@@ -7,11 +7,13 @@ one run per head, at the refined-LLC paper's settings.
 The bundled modular-addition transformer (p = 113, d_model 128, 4 heads) at the given
 weights, its training set (30 % of pairs), SGLD ε = 10⁻³, nβ = 30, γ = 100, 4 chains ×
 200 draws per head, batch 32 (Wang et al. 2024). One thread. Writes ``OUT/refined.md``:
-each head's λ̂ both ways (equal at the same seed) and the wall time of each way.
+each head's λ̂ both ways (equal at the same seed), devinterp's weight-restricted estimate
+of each head beside them, and the wall time of each way.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import time
 from pathlib import Path
@@ -51,9 +53,18 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         alone[name] = slt_probe.estimate_llc(model, data, restrict_to=restriction, **SETTINGS)
         separate += time.perf_counter() - started
+    # devinterp's weight-restricted estimate (its SGLD's optimize_over masks), one run per
+    # head with its chains one after another: the same posterior, its own random stream
+    reference, devinterp_seconds = {}, 0.0
+    for name, restriction in heads.items():
+        started = time.perf_counter()
+        reference[name] = slt_probe.estimate_llc(model, data, restrict_to=restriction,
+                                                 backend="devinterp", **SETTINGS)
+        devinterp_seconds += time.perf_counter() - started
     rows = [[name, preview(model, heads[name])[-1]["sampled"],
              f"{together[name].llc_mean:.4f} ± {together[name].llc_sem:.4f}",
              f"{alone[name].llc_mean:.4f} ± {alone[name].llc_sem:.4f}",
+             f"{reference[name].llc_mean:.4f} ± {reference[name].llc_sem:.4f}",
              together[name].config["gradient_correction"],
              together[name].diagnostics["healthy"]] for name in heads]
     command = "python benchmarks/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
@@ -61,10 +72,13 @@ def main(argv=None) -> None:
             f"`{command.strip()}` (one thread; checkpoint `{args.checkpoint}`; SGLD ε 1e-3, "
             "nβ 30, γ 100, 4 chains × 200 draws per head, batch 32)\n\n"
             + "\n".join(markdown_table(["head", "weights sampled", "λ̂, one run for all heads",
-                                        "λ̂, one run per head", "corrected", "healthy"],
-                                       rows))
+                                        "λ̂, one run per head", "λ̂, devinterp, one run per head",
+                                        "corrected", "healthy"], rows))
             + f"\n\nWall time: **{one_run:.1f} s** for all {len(heads)} heads in one run, "
-              f"**{separate:.1f} s** one run per head ({separate / one_run:.2f}×).\n")
+              f"**{separate:.1f} s** one run per head ({separate / one_run:.2f}×), "
+              f"**{devinterp_seconds:.1f} s** with devinterp "
+              f"{importlib.metadata.version('devinterp')}, one run per head "
+              f"({devinterp_seconds / one_run:.2f}×).\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.out) / "refined.md", text)
     print(text)

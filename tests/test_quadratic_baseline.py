@@ -137,14 +137,21 @@ def test_bad_input_is_named(kwargs, message):
 
 @pytest.mark.slow
 def test_sampled_llc_of_the_tanh_teacher_student_matches_the_baseline():
-    """A regular network (not a quadratic loss): at its settled minimum and γ well below
-    nβ·h_min, the sampled λ̂ lands on the baseline within its standard error and 2 %."""
+    """A regular network (not a quadratic loss): at its settled minimum the sampled λ̂
+    lands on the baseline within its standard error and 2 %."""
     p = problems.tanh_teacher_student(n=50_000, seed=3).settle()
     gamma = 10.0
     q = quadratic_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", localization=gamma,
                       verbose=False)
+    # the softest direction (nβh_min + γ ≈ 33) relaxes at rate ε(nβh + γ)/2 per step: at
+    # ε = 2e-6 the draws alone cover a tenth of its relaxation time, so the chains first
+    # warm up at a ten times coarser step for three relaxation times
     r = estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll",
                      sampler=SGLD(lr=2e-6, localization=gamma), num_chains=8,
-                     num_draws=3000, num_burnin=1000, batch_size=1000, verbose=False)
-    assert q.value == pytest.approx(p.num_params / 2, rel=0.02)
+                     warmup_lr=2e-5, num_warmup=10_000, num_draws=3000, num_burnin=1000,
+                     batch_size=1000, verbose=False)
+    # the baseline is the Laplace posterior's E[λ̂] from the full Hessian (its softest
+    # direction, nβh ≈ 23 against γ = 10, is counted only in part: 6.25 against d/2 = 6.5)
+    exact = p.expected_llc(nbeta=r.nbeta, localization=gamma)
+    assert q.value == pytest.approx(exact, rel=1e-3)
     assert abs(r.llc_mean - q.value) < 3 * r.llc_sem + 0.02 * q.value

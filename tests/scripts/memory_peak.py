@@ -27,7 +27,7 @@ class CausalLM(nn.Module):
         return self.head(self.body(hidden, mask=mask, is_causal=True))
 
 
-def main(chains: int, batch_size: int, max_memory: str | None) -> None:
+def main(chains: int, batch_size: int, max_memory: str | None, path: str) -> None:
     torch.manual_seed(0)
     model = CausalLM()
     tokens = torch.randint(0, 512, (256, 65))
@@ -35,11 +35,15 @@ def main(chains: int, batch_size: int, max_memory: str | None) -> None:
     result = estimate_llc(model, (tokens[:, :-1], tokens[:, 1:]),
                           sampler=SGLD(lr=1e-6, localization=100.0), num_chains=chains,
                           num_draws=3, num_burnin=0, batch_size=batch_size, verbose=False,
-                          gradient_correction=False, max_memory=max_memory)
+                          gradient_correction=False, max_memory=max_memory,
+                          compute_path=path)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_growth": after - before, "plan": result.config["memory_plan"],
-                      "chains_at_once": result.config["chains_at_once"]}))
+                      "chains_at_once": result.config["chains_at_once"],
+                      "compute_path": result.config["compute_path"]}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    # the path is named: "auto" would choose by timing, and the paths differ in memory
+    main(int(sys.argv[1]), int(sys.argv[2]), (sys.argv[3:4] or [None])[0] or None,
+         "vmap, fused attention")
