@@ -37,6 +37,7 @@ from .run_log import (
     LLC_COLUMNS,
     TrajectoryLog,
     preserved_state,
+    restriction_columns,
     row_from_result,
     versions,
 )
@@ -243,8 +244,7 @@ class LLCProbe:
         self.probe_seconds += seconds
         row = row_from_result(result, seconds)
         for name, value in restricted.items():
-            row.update({f"llc[{name}]": value.llc_mean, f"llc_sem[{name}]": value.llc_sem,
-                        f"healthy[{name}]": value.diagnostics["healthy"]})
+            row.update(restriction_columns(name, value))
         return self.record(step, row)
 
     def _hold_correction(self, config: dict, step: int) -> None:

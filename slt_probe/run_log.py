@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import re
 import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
@@ -262,6 +263,17 @@ class TrajectoryLog:
     def flush(self) -> None:
         if self.path is not None:
             write_csv_atomic(self.path, self.history(), LLC_COLUMNS)
+
+
+# a restriction's columns in an ``llc.csv`` row: ``llc[name]``, ``llc_sem[name]``,
+# ``healthy[name]``
+RESTRICTION_COLUMN = re.compile(r"(llc|llc_sem|healthy)\[(.+)\]")
+
+
+def restriction_columns(name: str, result) -> dict:
+    """The row columns of one restriction's estimate."""
+    return {f"llc[{name}]": result.llc_mean, f"llc_sem[{name}]": result.llc_sem,
+            f"healthy[{name}]": result.diagnostics["healthy"]}
 
 
 def row_from_result(result, seconds: float) -> dict:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
+
+from ..run_log import RESTRICTION_COLUMN
 
 # row column -> metric name (after the prefix); booleans become 0/1
 METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
@@ -14,8 +15,7 @@ METRICS = {"llc_mean": "mean", "llc_std": "std", "llc_sem": "sem",
            "mean_sampled_loss": "mean_sampled_loss", "init_loss": "init_loss",
            "healthy": "healthy", "local": "local", "rhat": "rhat", "ess": "ess",
            "num_diverged": "num_diverged", "seconds": "seconds"}
-# a restriction's columns (``LLCProbe(restrictions=...)``) and their metric suffixes
-RESTRICTION_COLUMN = re.compile(r"(llc|llc_sem|healthy)\[(.+)\]")
+# a restriction's metric suffixes (``LLCProbe(restrictions=...)``), by column kind
 RESTRICTION_SUFFIX = {"llc": "", "llc_sem": "_sem", "healthy": "_healthy"}
 
 
