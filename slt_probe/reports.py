@@ -258,19 +258,33 @@ def plot_grokking(rows: list[dict], path=None, *, title: str = "",
     return _finish(fig, path)
 
 
-def _mean_band(trajectories: list[list[dict]]):
+def _by_step(trajectories: list[list[dict]]) -> dict[int, list[float]]:
     by_step: dict[int, list[float]] = {}
     for rows in trajectories:
         for r in rows:
             if r.get("llc_mean") is not None:
                 by_step.setdefault(r["step"], []).append(r["llc_mean"])
-    steps = sorted(by_step)
-    return (np.array(steps), np.array([np.mean(by_step[s]) for s in steps]),
-            np.array([np.std(by_step[s]) for s in steps]))
+    return dict(sorted(by_step.items()))
+
+
+def _mean_band(trajectories: list[list[dict]]):
+    by_step = _by_step(trajectories)
+    return (np.array(list(by_step)), np.array([np.mean(v) for v in by_step.values()]),
+            np.array([np.std(v) for v in by_step.values()]))
+
+
+def _range_band(trajectories: list[list[dict]]):
+    """Steps, mean, and the lowest and highest value over seeds (a band a log axis can
+    show, where mean − std may be negative)."""
+    by_step = _by_step(trajectories)
+    return (np.array(list(by_step)), np.array([np.mean(v) for v in by_step.values()]),
+            np.array([np.min(v) for v in by_step.values()]),
+            np.array([np.max(v) for v in by_step.values()]))
 
 
 def plot_resolutions(runs: dict[str, list[list[dict]]], path=None, title: str = "") -> Figure:
-    """λ̂ (solid, mean ± std over seeds, positive points at a critical point only) and the
+    """λ̂ (solid, the mean over seeds with their range shaded, positive points at a critical
+    point only) and the
     curvature baseline (dashed) of each resolution regime on one log axis, with the test
     accuracy of the first seed."""
     fig = Figure(figsize=(7.5, 5))
@@ -282,11 +296,11 @@ def plot_resolutions(runs: dict[str, list[list[dict]]], path=None, title: str = 
         # below 0 (not a minimum), which a log axis cannot show
         trusted = [[r for r in rows if r.get("critical_point") is not False
                     and (r.get("llc_mean") or 0) > 0] for rows in trajectories]
-        steps, mean, std = _mean_band(trusted)
+        steps, mean, lowest, highest = _range_band(trusted)
         if not len(steps):
             continue
         ax.plot(steps + 1, mean, color=colour, label=f"λ̂, {regime}")
-        ax.fill_between(steps + 1, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.fill_between(steps + 1, lowest, highest, color=colour, alpha=0.2)
         baseline = [[{"step": r["step"], "llc_mean": r["quadratic_llc"]} for r in rows
                      if isinstance(r.get("quadratic_llc"), float)] for rows in trajectories]
         b_steps, b_mean, _ = _mean_band(baseline)

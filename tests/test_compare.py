@@ -10,6 +10,7 @@ from test_grokking import _tiny_config
 from slt_probe.experiments import compare, sweeps
 from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
 from slt_probe.run_log import read_rows
+from slt_probe.reports import plot_resolutions
 
 
 def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):
@@ -63,3 +64,14 @@ def test_redshift_measures_rank_linear_below_high_frequency_sine():
     assert lz_complexity(np.zeros((64, 64))) < lz_complexity(linear)
     with pytest.raises(ValueError, match="square"):
         mean_frequency(np.zeros((3, 4)))
+
+
+def test_the_resolution_figure_shades_the_seeds_range_on_its_log_axis():
+    # seeds five orders of magnitude apart: mean − std would be negative, the range is not
+    seeds = [[{"step": 0, "llc_mean": 1.0}, {"step": 10, "llc_mean": 1e-5}],
+             [{"step": 0, "llc_mean": 3.0}, {"step": 10, "llc_mean": 1.0}]]
+    figure = plot_resolutions({"local": seeds})
+    (band,) = figure.axes[0].collections
+    heights = band.get_paths()[0].vertices[:, 1]
+    assert heights.min() == pytest.approx(1e-5) and heights.max() == pytest.approx(3.0)
+    assert figure.axes[0].lines[0].get_ydata().tolist() == pytest.approx([2.0, 0.500005])

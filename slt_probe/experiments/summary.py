@@ -246,7 +246,7 @@ def resolution_report(root: str | Path) -> str:
                               for regime, runs in runs_by_regime.items()},
                              setup_dir / RESOLUTIONS_PLOT,
                              title=f"{setup_dir.name}: λ̂ and the curvature baseline by γ "
-                                   "(mean ± std over seeds)")
+                                   "(seeds: mean, range)")
     if not table:
         return ""
     return "\n".join(markdown_table(header, table)) + "\n"
