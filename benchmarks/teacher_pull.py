@@ -1,6 +1,7 @@
 """Deep linear networks at their teachers: the data's pull, and what a long run reads.
 
-    python benchmarks/teacher_pull.py [--out results/benchmarks] [--warmup 40000] [--draws 10000]
+    python benchmarks/teacher_pull.py [--out results/benchmarks] [--warmup 40000]
+                                      [--draws 10000]
 
 For the validation suite's deep linear networks at their teachers (n = 20,000, unit
 noise, nβ = n/log n), the pull nβ·(L_n(teacher) − L_n(w_s)), w_s the settled minimum
@@ -23,16 +24,14 @@ from pathlib import Path
 import torch
 
 import slt_probe
-from slt_probe.ground_truth import problems
+from slt_probe.experiments import validation
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
 from slt_probe.settings import default_nbeta
 
-CASES = [
-    ("deep linear 6-4-4-6 r=1", lambda: problems.deep_linear([6, 4, 4, 6], 1, 20_000)),
-    ("deep linear 5-12-8-4-7 r=1",
-     lambda: problems.deep_linear([5, 12, 8, 4, 7], 1, 20_000, seed=2)),
-]
+# the validation suite's deep linear networks at their teachers
+CASES = [case for case in validation.CASES
+         if case.at_teacher and case.key.startswith("deep linear")]
 GAMMAS = (3.0, 10.0)
 WARMUP_LR, LR, CHAINS = 3e-5, 3.9e-6, 8
 HEADER = ["truth", "d", "λ", "pull", "λ − pull", "γ", "λ̂ at the teacher ± s.e.",
@@ -58,11 +57,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows = []
-    for name, make in CASES:
-        teacher = make()
+    for case in CASES:
+        name = case.key.removesuffix(" at its teacher")
+        teacher = case.make()
         settled = copy.deepcopy(teacher).settle()
         nbeta = default_nbeta(len(teacher.x))
-        pull = teacher.teacher_pull(nbeta)
+        pull = teacher.teacher_pull(nbeta, settled)
         truth = float(teacher.true_lambda)
         for gamma in GAMMAS:
             started = time.perf_counter()
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         f"Measured with `{command}` (one thread): explicit SGLD, {CHAINS} chains, a warm-up "
         f"of {args.warmup:,} steps at ε = {WARMUP_LR:g}, 3,000 burn-in and {args.draws:,} "
         f"draws at ε = {LR:g}; nβ = n/log n; the teacher and the settled minimum w_s on the "
-        "same Brownian path. pull = nβ·(L_n(teacher) − L_n(w_s)).", "", *markdown_table(HEADER, rows)]) + "\n"
+        "same Brownian path. pull = nβ·(L_n(teacher) − L_n(w_s)).", "",
+        *markdown_table(HEADER, rows)]) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "teacher_pull.md", text)

@@ -113,7 +113,8 @@ def test_estimates_at_the_teacher_and_the_settled_minimum_differ_by_the_pull():
                               num_draws=3000, num_burnin=200, batch_size=500, seed=0,
                               gradient_correction=False, verbose=False).llc_mean
                  for p in (teacher, settled)]
-    pull = teacher.teacher_pull(nbeta)
+    pull = teacher.teacher_pull(nbeta, settled)
+    assert pull == pytest.approx(teacher.teacher_pull(nbeta), rel=1e-9)
     assert pull > 0.1
     assert estimates[1] - estimates[0] == pytest.approx(pull, rel=0.15)
 

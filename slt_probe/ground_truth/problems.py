@@ -61,8 +61,9 @@ class KnownProblem:
         with torch.no_grad():
             return float(resolve_loss(self.loss_fn).batch(self.model(self.x), self.y))
 
-    def teacher_pull(self, nbeta: float) -> float:
-        """nβ·(L_n(w*) − L_n(w_s)), w_s the nearby settled minimum (a copy is settled).
+    def teacher_pull(self, nbeta: float, settled: "KnownProblem | None" = None) -> float:
+        """nβ·(L_n(w*) − L_n(w_s)), w_s the nearby settled minimum (``settled``, or a copy
+        of this problem settled here).
 
         λ̂ subtracts L_n at its own point, while the localised posterior around the teacher
         and around w_s is the same distribution (the two points are O(n^-1/2) apart, the
@@ -71,7 +72,7 @@ class KnownProblem:
         sampler, decide. For the linear model it is the pull term of ``expected_llc``
         as γ → 0.
         """
-        settled = copy.deepcopy(self).settle()
+        settled = settled or copy.deepcopy(self).settle()
         return nbeta * (self.loss() - settled.loss())
 
     def expected_llc(self, *, nbeta: float, localization: float,
