@@ -62,6 +62,7 @@ from slt_probe.experiments.presets import build_model, build_task, preset
 from slt_probe.losses import resolve_loss
 from slt_probe.mnist import load_mnist
 from slt_probe.models import mlp
+from slt_probe.target import Target
 from slt_probe.run_log import write_json_atomic, write_text_atomic
 
 BATCH = 128
@@ -232,18 +233,19 @@ def measure(name: str, variant: str, chains: int, *, mnist_dir=None, checkpoints
         batch_size=batch_size, precision={"slt_probe bf16": "bfloat16",
                                           "slt_probe tf32": "tf32"}.get(variant, "float32"),
         compile=variant == "slt_probe compiled", gradient_correction=False)
-    batched = source = w_star = None
+    batched = source = None
     if variant.startswith("slt_probe"):
         batched = BatchedModel.for_settings(model, resolve_loss("cross_entropy"), settings)
         source = as_source((x, y))
-        w_star = batched.flatten(model)
 
     def run():
         if variant == "devinterp":
             return _devinterp(model, x, y, sampler, chains, draws, batch_size)
         if variant == "eager floor":
             return _floor(model, x, y, chains, draws, batch_size)
-        return run_estimate(batched, w_star, source, settings, verbose=False).llc_mean
+        # the point at w* is measured in every run, as devinterp's timing includes its own
+        target = Target.prepare(batched, source, settings, model.state_dict())
+        return run_estimate(target, settings, verbose=False).llc_mean
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):

@@ -8,6 +8,7 @@ from .estimator import DrawRecord, LLCAccumulator, LLCResult, llc_from_losses
 from .memory_plan import MemoryBudgetError, MemoryPlan
 from .probe import LLCProbe, llc_trajectory, log_spaced_steps
 from .quadratic_baseline import QuadraticLLC, quadratic_llc
+from .record import EstimateRecord
 from .refined import estimate_restricted
 from .reports import plot_calibration, plot_trace, plot_trajectory
 from .samplers import SGLD, SGNHT, RMSPropSGLD, Sampler, SamplerState
@@ -18,7 +19,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["estimate_llc", "estimate_restricted", "EstimateSettings", "default_nbeta", "LLCResult", "LLCAccumulator",
+__all__ = ["estimate_llc", "estimate_restricted", "EstimateSettings", "default_nbeta",
+           "LLCResult", "EstimateRecord", "LLCAccumulator",
            "llc_from_losses", "SGLD", "RMSPropSGLD", "SGNHT", "Sampler", "SamplerState",
            "LLCProbe", "llc_trajectory", "log_spaced_steps", "plot_trajectory", "plot_trace",
            "plot_calibration", "quadratic_llc", "QuadraticLLC", "calibrate", "Calibration",

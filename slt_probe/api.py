@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from .batched_model import BatchedModel
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate_target
 from .data import as_source
 from .engine import run_estimate
 from .estimator import LLCResult
 from .losses import resolve_loss
 from .settings import EstimateSettings, resolve_settings
+from .target import Target
 
 
 def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = None, *,
@@ -22,7 +23,7 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     λ̂ = nβ·(E[L_n(w)] − L_n(w*)) under the localised tempered posterior
     exp(−nβ·L_n(w) − γ/2·‖w − w*‖²), sampled with all chains batched. nβ = n/log n unless
     the sampler sets ``nbeta``. ``sampler="auto"`` first runs ``slt_probe.calibrate`` and
-    records its choice and evidence in ``result.config["calibration"]``.
+    records its choice and evidence in ``result.record.calibration``.
 
     Args:
         model: any ``torch.nn.Module``; it is evaluated in eval mode on a private copy.
@@ -64,40 +65,31 @@ def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = Non
     """
     prepared = prepare(model, data, resolve_settings(settings, overrides), loss_fn=loss_fn,
                        output=output, label_key=label_key, verbose=verbose)
-    batched, w_star, source, settings = (prepared.batched, prepared.w_star, prepared.source,
-                                         prepared.settings)
-    calibration = prepared.calibration
-    result = run_estimate(batched, w_star, source, settings, verbose=verbose)
-    if calibration is not None:
-        result.config["calibration"] = calibration.to_dict()
-        # the correction was decided with the calibration, on this evidence
-        result.config.update(calibration.gradient_evidence)
+    result = run_estimate(prepared.target, prepared.settings, verbose=verbose)
+    result.record.calibration = prepared.calibration
     return result
 
 
 @dataclass
 class Prepared:
-    """What an estimate needs before its chains run: the batched model, w*, the data
-    source, and the settings with a concrete sampler (calibrated when it was "auto")."""
+    """What an estimate needs before its chains run: the target (batched model, data
+    source, w*, its point and nβ), and the settings with a concrete sampler (calibrated
+    when it was "auto", with the calibration)."""
 
+    target: Target
     settings: EstimateSettings
-    source: object
-    batched: BatchedModel
-    w_star: Tensor
     calibration: Calibration | None
 
 
 def prepare(model: nn.Module, data, settings: EstimateSettings, *, loss_fn, output,
             label_key: str | None, verbose: bool) -> Prepared:
-    """Resolve the loss and the data, build the batched model and w*, and calibrate when
-    the sampler is "auto" (shared by ``estimate_llc`` and ``estimate_restricted``)."""
-    loss = resolve_loss(loss_fn)
+    """Resolve the loss and the data, build the target once, and calibrate on it when the
+    sampler is "auto" (shared by ``estimate_llc`` and ``estimate_restricted``)."""
     source = as_source(data, stream=settings.stream, label_key=label_key)
-    batched = BatchedModel.for_settings(model, loss, settings, output=output)
-    w_star = batched.flatten(model)
+    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
+    target = Target.prepare(batched, source, settings, model.state_dict())
     calibration = None
     if settings.auto:
-        calibration = calibrate(model, source, settings, loss_fn=loss_fn, output=output,
-                                verbose=verbose, batched=batched)
+        calibration = calibrate_target(target, settings, verbose=verbose)
         settings = calibration.apply(settings)
-    return Prepared(settings, source, batched, w_star, calibration)
+    return Prepared(target, settings, calibration)

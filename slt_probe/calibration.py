@@ -37,7 +37,7 @@ from .diagnostics import excess_ratio
 from .driver import ChainDriver
 from .estimator import llc_from_losses
 from .losses import resolve_loss
-from .point import Point, measure_point
+from .target import Point, Target
 from .samplers import SGLD
 from .settings import EstimateSettings, resolve_settings
 
@@ -584,8 +584,7 @@ class _Search:
 
 def calibrate(model, data, settings: EstimateSettings | None = None, *,
               loss_fn="cross_entropy", grid: CalibrationGrid | None = None,
-              output=None, verbose: bool = True, batched: BatchedModel | None = None,
-              **overrides) -> Calibration:
+              output=None, verbose: bool = True, **overrides) -> Calibration:
     """Choose ε, γ, the warm-up, burn-in and chains for SGLD at the model's weights.
 
     Args:
@@ -598,7 +597,6 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         grid: what to search (default ``settings.calibration_grid`` or
             ``CalibrationGrid()``).
         verbose: a progress bar with the step budget as its total.
-        batched: an already-built ``BatchedModel`` of ``model`` to reuse.
 
     Returns:
         A ``Calibration``; ``Calibration.apply(settings)`` puts it into settings.
@@ -626,28 +624,31 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         >>> 1.2 < r.llc_mean < 1.8   # λ = d/2 = 3/2
         True
     """
-    started = time.perf_counter()
     settings = resolve_settings(settings, overrides)
+    source = as_source(data, stream=settings.stream)
+    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
+    return calibrate_target(Target.prepare(batched, source, settings, model.state_dict()),
+                            settings, grid=grid, verbose=verbose)
+
+
+def calibrate_target(target: Target, settings: EstimateSettings, *,
+                     grid: CalibrationGrid | None = None, verbose: bool = True) -> Calibration:
+    """``calibrate`` on a prepared target (its model, data, w* and point are reused)."""
+    started = time.perf_counter()
+    target.check_settings(settings)
     grid = grid or settings.calibration_grid or CalibrationGrid()
     max_ratio = grid.locality_margin * (grid.max_excess_ratio or settings.max_excess_ratio)
-    source = as_source(data, stream=settings.stream)
-    batched = batched or BatchedModel.for_settings(model, resolve_loss(loss_fn), settings,
-                                                   output=output)
-    if source.in_memory:
-        source = source.to(batched.device)
-    w_star = batched.load_point(model.state_dict())
-    point = measure_point(batched, w_star, source, settings)
-    nbeta, nbeta_source = settings.resolve_nbeta(source.n)
+    batched, source, point, nbeta = target.model, target.source, target.point, target.nbeta
     # the chosen sampler carries nβ only where the caller set it, so an estimate records
     # where nβ came from (and a default n/log n follows the data it is applied to)
-    sampler_nbeta = nbeta if nbeta_source == "sampler" else None
+    sampler_nbeta = nbeta if target.nbeta_source == "sampler" else None
     num_chains = grid.num_chains or max(4, settings.num_chains)
 
     def make_driver(lr: float, gamma: float, seed_offset: int,
                     noise_substeps: int | None = None) -> ChainDriver:
         generator = torch.Generator(device=batched.device).manual_seed(
             settings.seed * 1000 + seed_offset)
-        corrected = point.correction_applies(settings.gradient_correction, nbeta, gamma)
+        corrected = target.correction_applies(settings.gradient_correction, gamma)
         return ChainDriver(batched, source, sampler=SGLD(lr=lr, localization=gamma, nbeta=nbeta),
                            nbeta=nbeta, point=point, num_chains=num_chains,
                            batch_size=settings.batch_size, estimator=settings.estimator,
@@ -743,8 +744,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         num_warmup=warmup_steps, num_burnin=burnin, table=search.table,
         reason=reason, nbeta=nbeta, grid=grid, measured_draws=chosen["measured_draws"],
         chain_draws_for_target=draws_for_target, excess_ratio=ratio,
-        gradient_correction=point.correction_applies(settings.gradient_correction, nbeta,
-                                                     gamma),
-        gradient_evidence=point.gradient_summary(nbeta, gamma),
+        gradient_correction=target.correction_applies(settings.gradient_correction, gamma),
+        gradient_evidence=target.gradient_summary(gamma),
         seconds=time.perf_counter() - started, steps=search.spent,
         traces={"warmup": np.asarray(local.chains.llc), "warmup_lr": local.chains.sampler.lr})

@@ -109,11 +109,11 @@ def _estimate(args) -> int:
     rel = (result.llc_mean - truth) / truth
     d = result.diagnostics
     print(f"{problem.name}: d = {problem.num_params}, n = {len(problem.x)}, "
-          f"nβ = {result.nbeta:.1f}, SGLD ε = {result.config['sampler']['lr']:g}, "
-          f"γ = {result.config['sampler']['localization']:g}")
+          f"nβ = {result.nbeta:.1f}, SGLD ε = {result.record.sampler.lr:g}, "
+          f"γ = {result.record.sampler.localization:g}")
     print(f"  true λ = {problem.true_lambda} = {truth:.4f}")
     print(f"  λ̂      = {result.llc_mean:.4f} ± {result.llc_std:.4f} (std over "
-          f"{result.config['num_chains']} chains; s.e. {result.llc_sem:.4f})")
+          f"{result.record.settings.num_chains} chains; s.e. {result.llc_sem:.4f})")
     print(f"  relative error {rel:+.1%}; effective parameters 2λ̂ = "
           f"{result.effective_params:.2f} of {problem.num_params}")
     ratio = d["excess_ratio"]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .batched_model import BatchedModel
 from .estimator import DrawRecord
-from .point import Point
+from .target import Point
 from .samplers import Sampler
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .diagnostics import diagnose
+from .record import EstimateRecord
 
 ESTIMATORS = ("control_variate", "plain")
 LOSS_ON = ("minibatch", "full")
@@ -67,7 +68,7 @@ class LLCAccumulator:
         >>> acc = LLCAccumulator(num_chains=1, num_draws=2, nbeta=4.0, init_loss=0.5)
         >>> for loss in (0.75, 1.25):
         ...     acc.update(DrawRecord(0, np.array([loss]), np.array([0.5]), np.array([True])))
-        >>> acc.compute(diverged=np.zeros(1, bool), diverged_at=[None], config={}).llc_mean
+        >>> acc.compute(diverged=np.zeros(1, bool), diverged_at=[None]).llc_mean
         2.0
     """
 
@@ -105,16 +106,17 @@ class LLCAccumulator:
             self.acceptance.append(np.asarray(record.acceptance, dtype=float))
         self.count += 1
 
-    def compute(self, *, diverged: np.ndarray, diverged_at: list, config: dict) -> "LLCResult":
+    def compute(self, *, diverged: np.ndarray, diverged_at: list,
+                record: EstimateRecord | None = None) -> "LLCResult":
         loss = self.loss[:, :self.count]
         reference = self.reference[:, :self.count]
         llc_trace = llc_from_losses(self.nbeta, loss, reference, self.correction[:, :self.count])
         alive = ~np.asarray(diverged, dtype=bool)
         if not alive.any():
+            lr = "" if record is None else f" (it was {record.sampler.lr:g})"
             raise RuntimeError(
                 "all chains diverged (NaN/inf loss): the sampler is unstable at this step size; "
-                f"use a smaller lr (it was {config.get('sampler', {}).get('lr')}) or a larger "
-                "localization")
+                f"use a smaller lr{lr} or a larger localization")
         per_chain = np.where(alive, np.nanmean(np.where(alive[:, None], llc_trace, 0.0), axis=1),
                              np.nan)
         if (~alive).any():
@@ -132,7 +134,7 @@ class LLCAccumulator:
         return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, loss_trace=loss,
                          reference_trace=reference, llc_trace=llc_trace,
                          init_loss=self.init_loss, nbeta=self.nbeta,
-                         diagnostics=diagnostics, config=config)
+                         diagnostics=diagnostics, record=record)
 
 
 def _jsonable(value):
@@ -159,14 +161,15 @@ class LLCResult:
     ``llc_std`` is the spread across chains (ddof=1); the standard error of
     ``llc_mean`` is ``llc_std / sqrt(number of healthy chains)``. ``diagnostics`` holds
     the verdict (``healthy``, ``reasons``, ``warnings``), locality (``excess_ratio``,
-    ``mean_sampled_loss``, ``local``), R-hat and ESS; ``config`` every setting used.
+    ``mean_sampled_loss``, ``local``), R-hat and ESS; ``record`` how it was made (an
+    ``EstimateRecord``: settings, nβ, correction decision, computation path, calibration)
+    and ``config`` the same record flattened into a dict (what the JSON holds).
 
     Examples:
         >>> acc = LLCAccumulator(num_chains=2, num_draws=1, nbeta=10.0, init_loss=1.0)
         >>> acc.update(DrawRecord(0, np.array([1.2, 1.4]), np.array([1.0, 1.0]),
         ...                       np.array([True, True])))
-        >>> result = acc.compute(diverged=np.zeros(2, bool), diverged_at=[None, None],
-        ...                      config={})
+        >>> result = acc.compute(diverged=np.zeros(2, bool), diverged_at=[None, None])
         >>> round(result.llc_mean, 6), round(result.effective_params, 6)
         (3.0, 6.0)
     """
@@ -180,7 +183,12 @@ class LLCResult:
     init_loss: float
     nbeta: float
     diagnostics: dict
-    config: dict = field(default_factory=dict)
+    record: EstimateRecord | None = None
+
+    @property
+    def config(self) -> dict:
+        """The record as a flat dict (a fresh copy: change ``record``, not this)."""
+        return {} if self.record is None else self.record.to_dict()
 
     @property
     def effective_params(self) -> float:

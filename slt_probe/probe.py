@@ -10,7 +10,6 @@ files (``run_log``), plotting (``reports``).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -24,14 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import estimate_llc
 from .batched_model import BatchedModel
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate_target
 from .data import as_source
 from .engine import run_estimate
 from .executors import Task, make_executor
-from .gradient_evidence import GRADIENT_SUMMARY_KEYS
 from .losses import resolve_loss
+from .record import CorrectionDecision
 from .refined import run_restricted
 from .run_log import (
     LLC_COLUMNS,
@@ -42,6 +40,7 @@ from .run_log import (
     versions,
 )
 from .settings import EstimateSettings, resolve_settings
+from .target import Target
 
 logger = logging.getLogger("slt_probe")
 PENDING_DIR = "pending"
@@ -228,18 +227,24 @@ class LLCProbe:
             return self.row(step)
         return self._estimate_state(step, self.model.state_dict())
 
+    def target_at(self, state) -> Target:
+        """The probe's prepared problem at the weights ``state``: its batched model and
+        data, built once, with w* and its point measured for these weights (not kept
+        between estimates: on a large model w* and ∇L_n(w*) are two copies of it)."""
+        return Target.prepare(self.batched, self.source, self.settings, state)
+
     def _estimate_state(self, step: int, state) -> dict:
         started = time.perf_counter()
         with preserved_state(self.model):
-            w_star = self.batched.load_point(state)
-            result = run_estimate(self.batched, w_star, self.source, self.settings,
-                                  verbose=self.verbose, desc=f"LLC step {step}")
+            target = self.target_at(state)
+            result = run_estimate(target, self.settings, verbose=self.verbose,
+                                  desc=f"LLC step {step}")
             if self.settings.gradient_correction == "auto":
-                self._hold_correction(result.config, step)
+                self._hold_correction(result.record.correction, step)
             restricted = run_restricted(
-                self.batched, w_star, self.source, self.settings, self.restrictions,
-                verbose=self.verbose, desc=f"LLC step {step}, {len(self.restrictions)} "
-                "restrictions") if self.restrictions else {}
+                target, self.settings, self.restrictions, verbose=self.verbose,
+                desc=f"LLC step {step}, {len(self.restrictions)} restrictions"
+            ) if self.restrictions else {}
         seconds = time.perf_counter() - started
         self.probe_seconds += seconds
         row = row_from_result(result, seconds)
@@ -247,13 +252,11 @@ class LLCProbe:
             row.update(restriction_columns(name, value))
         return self.record(step, row)
 
-    def _hold_correction(self, config: dict, step: int) -> None:
+    def _hold_correction(self, decision: CorrectionDecision, step: int) -> None:
         """One estimator per trajectory: with an explicit sampler, ``"auto"`` is decided at
         the first estimate and held for every later one (recorded in the manifest)."""
-        applied = bool(config["gradient_correction"])
-        self.settings = replace(self.settings, gradient_correction=applied)
-        self._record_held_correction(applied, step,
-                                     {k: config.get(k) for k in GRADIENT_SUMMARY_KEYS})
+        self.settings = replace(self.settings, gradient_correction=decision.applied)
+        self._record_held_correction(decision.applied, step, decision.evidence)
 
     def _record_held_correction(self, applied: bool, step: int, evidence: dict) -> None:
         self._log.update_manifest(gradient_correction_held={
@@ -289,9 +292,8 @@ class LLCProbe:
                     "%d kept steps follow", self.step_count, len(self._pending))
         started = time.perf_counter()
         with preserved_state(self.model):
-            calibration = calibrate(self.model, self.source, self.settings,
-                                    loss_fn=self.loss_fn, output=self.output,
-                                    verbose=self.verbose, batched=self.batched)
+            calibration = calibrate_target(self.target_at(self.model.state_dict()),
+                                           self.settings, verbose=self.verbose)
         self.probe_seconds += time.perf_counter() - started
         self.use_calibration(calibration, step=self.step_count)
         for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
@@ -416,10 +418,10 @@ def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSetting
     state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(state, Mapping):
         raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
-    local = copy.deepcopy(model)
-    local.load_state_dict(state)
     started = time.perf_counter()
-    result = estimate_llc(local, data, settings, loss_fn=loss_fn, output=output, verbose=False)
+    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
+    target = Target.prepare(batched, as_source(data, stream=settings.stream), settings, state)
+    result = run_estimate(target, settings, verbose=False)
     return step, row_from_result(result, time.perf_counter() - started)
 
 
@@ -488,9 +490,8 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
         if probe.settings.auto:
             load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
             with preserved_state(model):
-                probe.use_calibration(calibrate(model, probe.source, probe.settings,
-                                                loss_fn=loss_fn, output=output,
-                                                verbose=verbose, batched=probe.batched),
+                probe.use_calibration(calibrate_target(probe.target_at(model.state_dict()),
+                                                       probe.settings, verbose=verbose),
                                       step=steps[calibrate_on])
         todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
                 if not probe._log.has_llc(step)]

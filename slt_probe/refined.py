@@ -21,10 +21,10 @@ from torch import nn
 
 from .api import prepare
 from .driver import ChainDriver, ChainGroup, check_groupable
-from .engine import estimate_config, point_accumulator
+from .engine import correction_decision, estimate_record, point_accumulator
 from .estimator import DrawRecord, LLCResult
-from .point import measure_point
 from .settings import EstimateSettings, resolve_settings
+from .target import Target
 
 
 def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, object],
@@ -60,36 +60,31 @@ def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, objec
     started = time.perf_counter()
     prepared = prepare(model, data, settings, loss_fn=loss_fn, output=output,
                        label_key=label_key, verbose=verbose)
-    return run_restricted(prepared.batched, prepared.w_star, prepared.source,
-                          prepared.settings, restrictions, calibration=prepared.calibration,
-                          verbose=verbose, started=started)
+    return run_restricted(prepared.target, prepared.settings, restrictions,
+                          calibration=prepared.calibration, verbose=verbose, started=started)
 
 
-def run_restricted(batched, w_star, source, settings: EstimateSettings,
+def run_restricted(target: Target, settings: EstimateSettings,
                    restrictions: Mapping[str, object], *, calibration=None,
                    verbose: bool = True, started: float | None = None,
                    desc: str | None = None) -> dict[str, LLCResult]:
-    """``estimate_restricted`` on a built batched model at ``w_star`` with a fixed sampler
-    (the probe's form: its batched model and data are built once)."""
+    """``estimate_restricted`` on a prepared target with a fixed sampler (the probe's
+    form: its batched model and data are built once)."""
     started = time.perf_counter() if started is None else started
     check_groupable(settings.sampler)  # before any point is measured
-    if source.in_memory:
-        source = source.to(batched.device)
-    nbeta, nbeta_source = settings.resolve_nbeta(source.n)
-    gamma = settings.sampler.localization
+    target.check_settings(settings)
     names = list(restrictions)
     own = {name: replace(settings, restrict_to=restrictions[name]) for name in names}
-    points = {name: measure_point(batched, w_star, source, own[name]) for name in names}
-    corrected = {name: points[name].correction_applies(settings.gradient_correction, nbeta,
-                                                       gamma) for name in names}
-    groups = [ChainGroup(points[name], corrected[name],
-                         torch.Generator(device=batched.device).manual_seed(settings.seed))
+    targets = {name: target.restricted(own[name].restrict_to) for name in names}
+    decisions = {name: correction_decision(targets[name], own[name]) for name in names}
+    groups = [ChainGroup(targets[name].point, decisions[name].applied,
+                         torch.Generator(device=target.model.device).manual_seed(settings.seed))
               for name in names]
-    driver = ChainDriver(batched, source, sampler=settings.sampler, nbeta=nbeta,
-                         num_chains=settings.num_chains, batch_size=settings.batch_size,
-                         estimator=settings.estimator, loss_on=settings.loss_on,
-                         groups=groups)
-    accumulators = {name: point_accumulator(points[name], own[name], nbeta, corrected[name])
+    driver = ChainDriver(target.model, target.source, sampler=settings.sampler,
+                         nbeta=target.nbeta, num_chains=settings.num_chains,
+                         batch_size=settings.batch_size, estimator=settings.estimator,
+                         loss_on=settings.loss_on, groups=groups)
+    accumulators = {name: point_accumulator(targets[name], own[name], decisions[name].applied)
                     for name in names}
     chains = settings.num_chains
     for record in driver.run(settings.num_draws, settings.num_burnin,
@@ -102,17 +97,13 @@ def run_restricted(batched, w_star, source, settings: EstimateSettings,
     results = {}
     for k, name in enumerate(names):
         rows = slice(k * chains, (k + 1) * chains)
-        config = estimate_config(batched, source, own[name], points[name], nbeta,
-                                 nbeta_source, corrected[name])
-        config.update(restriction=name, restrictions_in_run=len(names),
-                      compute_path=batched.path, compiled=batched.compiled,
-                      seconds=seconds)
+        record = estimate_record(targets[name], own[name], decisions[name], seconds)
+        record.restriction, record.restrictions_in_run = name, len(names)
         if calibration is not None:
-            config["calibration"] = {**calibration.to_dict(),
-                                     "calibrated_on": "the whole model"}
+            record.calibration, record.calibrated_on = calibration, "the whole model"
         results[name] = accumulators[name].compute(
             diverged=driver.diverged[rows], diverged_at=driver.diverged_at[rows],
-            config=config)
+            record=record)
     return results
 
 

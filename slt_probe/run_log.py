@@ -173,6 +173,16 @@ def settings_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def _comparable(previous: dict, request: dict) -> tuple[dict, dict]:
+    """The recorded request and the new one, as far as they can differ: once a
+    calibration is on record it is reused, so the grid it searched no longer matters."""
+    if previous.get("calibration") is None:
+        return previous["request"], request
+    drop = lambda r: {**r, "settings": {k: v for k, v in r.get("settings", {}).items()  # noqa: E731
+                                        if k != "calibration_grid"}}
+    return drop(previous["request"]), drop(request)
+
+
 class TrajectoryLog:
     """Rows keyed by step, rewritten atomically to ``llc.csv`` on ``flush`` (after every
     estimate; metrics logged between estimates are written with the next one or on
@@ -205,7 +215,7 @@ class TrajectoryLog:
         if self.manifest_path.exists():
             previous = json.loads(self.manifest_path.read_text())
             # a manifest from before requests were recorded cannot be compared
-            changes = (settings_changes(previous["request"], manifest.get("request", {}))
+            changes = (settings_changes(*_comparable(previous, manifest.get("request", {})))
                        if "request" in previous else [])
             if changes and not allow_changed:
                 self.lock.release()
@@ -281,21 +291,22 @@ def row_from_result(result, seconds: float) -> dict:
     not, and how it was obtained (sampler, ε, γ, nβ, correction, chains, draws, the
     computation path and how many chains it computed at once)."""
     d = result.diagnostics
-    c = result.config
+    record = result.record
     finite = lambda v: v if v is not None and np.isfinite(v) else None  # noqa: E731
-    sampler = c.get("sampler") if isinstance(c.get("sampler"), dict) else {}
+    sampler = record.sampler
+    evidence = record.correction.evidence
     return {"llc_mean": result.llc_mean, "llc_std": result.llc_std, "llc_sem": result.llc_sem,
             "effective_params": result.effective_params, "init_loss": result.init_loss,
             "mean_sampled_loss": finite(d.get("mean_sampled_loss")),
             "excess_ratio": finite(d.get("excess_ratio")), "local": d.get("local"),
             "healthy": d["healthy"], "reasons": ";".join(d.get("reasons", [])),
             "rhat": finite(d["rhat"]), "ess": finite(d["ess"]),
-            "num_diverged": d["num_diverged"], "sampler": sampler.get("type"),
-            "lr": sampler.get("lr"), "localization": sampler.get("localization"),
-            "nbeta": result.nbeta, "gradient_correction": c.get("gradient_correction"),
-            "gradient_noise_ratio": finite(c.get("gradient_noise_ratio")),
-            "gradient_pull": c.get("gradient_pull"),
+            "num_diverged": d["num_diverged"], "sampler": type(sampler).__name__,
+            "lr": sampler.lr, "localization": sampler.localization,
+            "nbeta": result.nbeta, "gradient_correction": record.correction.applied,
+            "gradient_noise_ratio": finite(evidence.get("gradient_noise_ratio")),
+            "gradient_pull": evidence.get("gradient_pull"),
             "critical_point": "not_a_critical_point" not in d.get("reasons", []),
-            "num_chains": c.get("num_chains"), "num_draws": c.get("num_draws"),
-            "compute_path": c.get("compute_path"), "chains_at_once": c.get("chains_at_once"),
+            "num_chains": record.settings.num_chains, "num_draws": record.settings.num_draws,
+            "compute_path": record.compute.path, "chains_at_once": record.compute.chains_at_once,
             "seconds": seconds}

@@ -8,7 +8,7 @@ running anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 
 import torch
 
@@ -233,7 +233,10 @@ class EstimateSettings:
                 "num_warmup": self.num_warmup, "restrict_to": restrict,
                 "gradient_correction": self.gradient_correction,
                 "max_excess_ratio": self.max_excess_ratio,
-                "reference_loss": self.reference_loss, "compile": self.compile,
+                "reference_loss": self.reference_loss,
+                "calibration_grid": (asdict(self.calibration_grid)
+                                     if is_dataclass(self.calibration_grid) else None),
+                "compile": self.compile,
                 "chain_batch": self.chain_batch, "max_memory": self.max_memory,
                 "precision": self.precision,
                 "device": None if self.device is None else str(self.device),

@@ -170,11 +170,36 @@ def test_unknown_sampler_name_and_misplaced_grid_are_rejected(tiny_classifier):
                      num_chains=2, num_draws=5, verbose=False)
 
 
-def test_auto_sampler_records_the_choice_and_its_cost(regular_problem):
+def test_auto_sampler_records_the_choice_and_its_cost(regular_problem, monkeypatch):
     p = regular_problem
+    # the prepared problem is built once: one measurement of the point (two passes over
+    # the data and the gradient evidence), one resolution of nβ, for calibration and
+    # estimate together
+    calls = {"point": 0, "nbeta": 0}
+    measure, resolve = slt_probe.target.measure_point, EstimateSettings.resolve_nbeta
+
+    def counted_measure(*args, **kwargs):
+        calls["point"] += 1
+        return measure(*args, **kwargs)
+
+    def counted_resolve(self, n):
+        calls["nbeta"] += 1
+        return resolve(self, n)
+
+    monkeypatch.setattr(slt_probe.target, "measure_point", counted_measure)
+    monkeypatch.setattr(EstimateSettings, "resolve_nbeta", counted_resolve)
     result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler="auto",
                           calibration_grid=SMALL_GRID, num_chains=4, num_draws=500,
                           batch_size=500, verbose=False)
+    assert calls["point"] == 1
+    # resolved once when the target is prepared; calibration and estimate each check
+    # that their settings ask for the same nβ
+    assert calls["nbeta"] == 3
+    record = result.record
+    assert record.sampler == record.calibration.sampler
+    assert record.correction.applied is record.calibration.gradient_correction
+    assert record.correction.evidence == record.calibration.gradient_evidence
+    assert result.config["calibration"]["grid"]["max_relax_steps"] == SMALL_GRID.max_relax_steps
     cal = result.config["calibration"]
     assert result.config["sampler"]["lr"] == cal["sampler"]["lr"]
     assert result.config["num_burnin"] >= cal["num_burnin"]

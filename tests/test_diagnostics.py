@@ -2,7 +2,9 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+import slt_probe
 from slt_probe.diagnostics import diagnose, ess_bulk, ess_tail, excess_ratio, rank_rhat
 from slt_probe.estimator import DrawRecord, LLCAccumulator
 
@@ -121,7 +123,7 @@ def test_accumulator_excludes_diverged_chains():
     acc.update(DrawRecord(0, np.array([2.0, 3.0, np.nan]), np.array([1.0, 1.0, 1.0]), alive))
     acc.update(DrawRecord(1, np.array([2.0, 3.0, np.nan]), np.array([1.0, 1.0, 1.0]), alive))
     with pytest.warns(RuntimeWarning, match="chains \\[2\\] diverged"):
-        result = acc.compute(diverged=~alive, diverged_at=[None, None, 0], config={})
+        result = acc.compute(diverged=~alive, diverged_at=[None, None, 0])
     assert result.llc_mean == pytest.approx(3.0)  # mean of 2 and 4; chain 2 excluded
     assert np.isnan(result.llc_per_chain[2])
     assert result.diagnostics["num_diverged"] == 1
@@ -135,7 +137,7 @@ def test_accumulator_subtracts_the_linear_term_but_judges_locality_on_the_raw_lo
     for step in range(2):
         acc.update(DrawRecord(step, np.array([1.5, 1.5]), np.array([1.0, 1.0]), alive,
                               correction=np.array([0.25, 0.25])))
-    result = acc.compute(diverged=~alive, diverged_at=[None, None], config={})
+    result = acc.compute(diverged=~alive, diverged_at=[None, None])
     assert result.llc_mean == pytest.approx(2.0 * (0.5 - 0.25))
     assert result.diagnostics["excess_ratio"] == pytest.approx(0.5)
 
@@ -143,5 +145,14 @@ def test_accumulator_subtracts_the_linear_term_but_judges_locality_on_the_raw_lo
 def test_all_chains_diverged_raises_and_suggests_smaller_lr():
     acc = LLCAccumulator(num_chains=2, num_draws=1, nbeta=2.0, init_loss=1.0)
     with pytest.raises(RuntimeError, match="smaller lr"):
-        acc.compute(diverged=np.array([True, True]), diverged_at=[0, 0],
-                    config={"sampler": {"lr": 1.0}})
+        acc.compute(diverged=np.array([True, True]), diverged_at=[0, 0])
+
+
+def test_an_estimate_whose_chains_all_diverge_names_its_step_size():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    y = torch.randint(0, 2, (64,))
+    with pytest.raises(RuntimeError, match=r"smaller lr \(it was 1e\+06\)"):
+        slt_probe.estimate_llc(torch.nn.Linear(3, 2), (x, y), num_draws=20, num_chains=2,
+                               sampler=slt_probe.SGLD(lr=1e6, localization=1.0),
+                               gradient_correction=False, verbose=False)

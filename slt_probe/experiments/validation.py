@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import estimate_llc
-from ..calibration import Calibration, CalibrationGrid
+from ..calibration import CalibrationGrid
 from ..ground_truth import problems
 from ..losses import constant_predictor_loss, resolve_loss
 from ..reports import markdown_table, plot_validation
@@ -66,7 +66,8 @@ def _auto(model, data, loss_fn, *, grid, num_chains, num_draws, seed, batch_size
 def _row(case: ValidationCase, *, d: int, n: int, truth: float, truth_exact: str,
          llc: float, std: float, sem: float, expected: float | None, result,
          started: float, note: str = "", teacher_pull: float | None = None) -> dict:
-    cal = result.config.get("calibration") or {}
+    record, cal = result.record, result.record.calibration
+    used = record.settings
     return {"case": case.key, "d": d, "n": n, "true_lambda": truth,
             "true_lambda_exact": truth_exact, "llc_mean": llc, "llc_std": std, "llc_sem": sem,
             "relative_error": (llc - truth) / truth, "tolerance": case.tolerance,
@@ -76,17 +77,15 @@ def _row(case: ValidationCase, *, d: int, n: int, truth: float, truth_exact: str
             "healthy": result.diagnostics["healthy"],
             "reasons": ";".join(result.diagnostics["reasons"]),
             "excess_ratio": result.diagnostics["excess_ratio"],
-            "lr": result.config["sampler"]["lr"],
-            "localization": result.config["sampler"]["localization"],
-            "nbeta": result.nbeta, "num_warmup": result.config["num_warmup"],
-            "warmup_lr": result.config["warmup_lr"],
-            "num_burnin": result.config["num_burnin"], "num_draws": result.config["num_draws"],
-            "num_chains": result.config["num_chains"],
+            "lr": used.sampler.lr, "localization": used.sampler.localization,
+            "nbeta": result.nbeta, "num_warmup": used.num_warmup,
+            "warmup_lr": used.warmup_lr, "num_burnin": used.num_burnin,
+            "num_draws": used.num_draws, "num_chains": used.num_chains,
             "mala_acceptance": result.diagnostics["mala_acceptance"],
-            "calibration_seconds": cal.get("seconds"),
-            "estimate_seconds": result.config["seconds"],
-            "target_relative_sem": (cal.get("grid") or {}).get("target_relative_sem"),
-            "calibration": cal.get("reason", ""), "note": note,
+            "calibration_seconds": None if cal is None else cal.seconds,
+            "estimate_seconds": record.seconds,
+            "target_relative_sem": None if cal is None else cal.grid.target_relative_sem,
+            "calibration": "" if cal is None else cal.reason, "note": note,
             "seconds": time.perf_counter() - started}
 
 
@@ -113,7 +112,7 @@ def run_known(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> d
     result = _auto(problem.model, (problem.x, problem.y), problem.loss_fn, grid=grid,
                    num_chains=num_chains, num_draws=num_draws, seed=seed)
     expected = problem.expected_llc(nbeta=result.nbeta,
-                                    localization=result.config["sampler"]["localization"])
+                                    localization=result.record.sampler.localization)
     pull = problem.teacher_pull(result.nbeta) if case.at_teacher else None
     return _row(case, d=problem.num_params, n=len(problem.x),
                 truth=float(problem.true_lambda), truth_exact=str(problem.true_lambda),
@@ -170,11 +169,11 @@ def run_additivity(case: ValidationCase, *, grid, num_chains, num_draws, seed=0)
                  + constant_predictor_loss(resolve_loss("gaussian_nll"), y_block[:2], y_block))
     paired = _auto(pair, (x, y), summed_loss(classes), grid=grid, num_chains=num_chains,
                    num_draws=num_draws, seed=seed, batch_size=128, reference_loss=reference)
-    cal = paired.config["calibration"]
+    cal = paired.record.calibration
     # the network alone at the pair's (nβ, γ, ε, warm-up, chains): λ̂ depends on γ, so the
     # two are compared at one setting
-    same = Calibration.from_dict(cal).apply(EstimateSettings(
-        num_chains=paired.config["num_chains"], num_draws=num_draws, batch_size=128, seed=seed))
+    same = cal.apply(EstimateSettings(num_chains=paired.record.settings.num_chains,
+                                      num_draws=num_draws, batch_size=128, seed=seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         alone = estimate_llc(network, (x_net, y_net), same, loss_fn="cross_entropy",
@@ -193,7 +192,7 @@ def run_additivity(case: ValidationCase, *, grid, num_chains, num_draws, seed=0)
                 note=f"λ̂(pair) {paired.llc_mean:.4g} − λ̂(net) {alone.llc_mean:.4g} "
                      f"(net alone: healthy {alone.diagnostics['healthy']}, excess ratio "
                      f"{alone.diagnostics['excess_ratio']:.3g}); calibrated on the pair: "
-                     f"{cal.get('reason', '')[:80]}…")
+                     f"{cal.reason[:80]}…")
 
 
 def run_scale(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> dict:
@@ -206,8 +205,8 @@ def run_scale(case: ValidationCase, *, grid, num_chains, num_draws, seed=0) -> d
     doubled = _auto(problem.model, data, lambda out, target: 2.0 * gaussian(out, target),
                     grid=grid, num_chains=num_chains, num_draws=num_draws, seed=seed,
                     nbeta=default_nbeta(len(problem.x)) / 2)
-    same_choice = (plain.config["sampler"]["lr"], plain.config["sampler"]["localization"]) == (
-        doubled.config["sampler"]["lr"], doubled.config["sampler"]["localization"])
+    same_choice = ((plain.record.sampler.lr, plain.record.sampler.localization)
+                   == (doubled.record.sampler.lr, doubled.record.sampler.localization))
     return _row(case, d=problem.num_params, n=len(problem.x), truth=plain.llc_mean,
                 truth_exact=f"λ̂ at loss ×1, nβ: {plain.llc_mean:.4g}", llc=doubled.llc_mean,
                 std=doubled.llc_std, sem=doubled.llc_sem, expected=None, result=doubled,

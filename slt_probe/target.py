@@ -1,14 +1,20 @@
-"""What an estimate needs to know about w* on the data, measured once per point: the
-per-example losses (data in memory) or L_n(w*) (streamed data), the constant predictor's
-loss, and ∇L_n(w*) with the evidence on whether it is real (``gradient_evidence``) when a
-gradient correction may apply.
+"""The prepared problem: everything an estimate needs before its chains run, built once.
 
-Not here: sampling (``driver``), the estimate (``engine``).
+A ``Target`` holds the batched model, the data source (on the model's device when it is
+in memory), w*, what is measured at w* on the data (a ``Point``: the per-example losses or
+L_n(w*), the constant predictor's loss, ∇L_n(w*) and the evidence on whether it is real)
+and nβ. Calibration, the estimate, the probe and checkpoint estimates all take one;
+a weight restriction is the same target with its own mask (``Target.restricted``). Whether the gradient correction
+applies is the target's decision (``correction_applies``), taken at a γ.
+
+Not here: sampling (``driver``), the estimate (``engine``), choosing settings
+(``calibration``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -20,6 +26,7 @@ from .gradient_evidence import (
     measure_gradient,
 )
 from .losses import ReferenceStats, check_output_and_targets, constant_predictor_loss
+from .settings import EstimateSettings
 
 
 @dataclass
@@ -96,3 +103,60 @@ def measure_point(model: BatchedModel, w_star: Tensor, source, settings) -> Poin
     return Point(w_star=w_star, init_loss=init_loss, num_examples=source.n,
                  reference_loss=reference, evidence=evidence, mask=mask,
                  star_losses=star_losses)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The prepared problem: batched model, data source, w*, its ``Point`` and nβ, with
+    the settings it was measured with (their weight restriction, reference loss, seed and
+    gradient-correction setting decide what the point holds)."""
+
+    model: BatchedModel
+    source: object
+    point: Point
+    nbeta: float
+    nbeta_source: str
+    settings: EstimateSettings
+
+    @classmethod
+    def prepare(cls, model: BatchedModel, source, settings: EstimateSettings,
+                state: Mapping[str, Tensor]) -> "Target":
+        """Move in-memory data to the model's device, load w* from ``state`` (a
+        state_dict: its buffers come with it), resolve nβ and measure the point."""
+        if source.in_memory:
+            source = source.to(model.device)
+        w_star = model.load_point(state)
+        nbeta, nbeta_source = settings.resolve_nbeta(source.n)
+        return cls(model, source, measure_point(model, w_star, source, settings), nbeta,
+                   nbeta_source, settings)
+
+    @property
+    def w_star(self) -> Tensor:
+        return self.point.w_star
+
+    @property
+    def num_examples(self) -> int:
+        return self.source.n
+
+    def restricted(self, restrict_to) -> "Target":
+        """The same problem with only ``restrict_to``'s weights sampled."""
+        settings = replace(self.settings, restrict_to=restrict_to)
+        return replace(self, point=measure_point(self.model, self.w_star, self.source,
+                                                 settings), settings=settings)
+
+    def check_settings(self, settings: EstimateSettings) -> None:
+        """Refuse settings this target was not prepared for (another nβ or weights)."""
+        nbeta, _ = settings.resolve_nbeta(self.num_examples)
+        if nbeta != self.nbeta:
+            raise ValueError(f"the target was prepared at nβ = {self.nbeta:g}; these settings "
+                             f"ask for nβ = {nbeta:g}")
+        if settings.restrict_to is not self.settings.restrict_to:
+            raise ValueError("the target was prepared for another weight restriction; use "
+                             "Target.restricted")
+
+    def correction_applies(self, setting, localization: float) -> bool:
+        """Whether ``gradient_correction=setting`` corrects here at this γ."""
+        return self.point.correction_applies(setting, self.nbeta, localization)
+
+    def gradient_summary(self, localization: float) -> dict:
+        return self.point.gradient_summary(self.nbeta, localization)
