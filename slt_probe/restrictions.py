@@ -6,8 +6,9 @@ of that parameter's shape. The weight-refined λ̂ of a head samples only that h
 weights (the rest stay at w*). Attention implementations fuse the heads into shared
 matrices, so a head is a slice, found here for:
 
-- the bundled ``ModAddTransformer``: ``qkv`` rows (query, key, value of the head) and
-  ``attn_out`` columns;
+- a module with a fused ``qkv`` projection (query, key and value stacked by rows), an
+  ``attn_out`` projection and ``num_heads``, as the bundled ``ModAddTransformer``: ``qkv``
+  rows of the head and ``attn_out`` columns;
 - ``torch.nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``,
   ``DecoderLayer`` and ``Transformer``): ``in_proj_weight``/``in_proj_bias`` rows, or the
   separate ``q/k/v_proj_weight`` when key and value dimensions differ, and ``out_proj``
@@ -27,8 +28,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-
-from .models import ModAddTransformer
 
 Restriction = dict[str, Tensor]
 
@@ -139,7 +138,7 @@ def _columns(shape, index) -> Tensor:
 
 
 def _module_heads(module: nn.Module) -> list[dict[str, Tensor]] | None:
-    if isinstance(module, ModAddTransformer):
+    if all(hasattr(module, a) for a in ("qkv", "attn_out", "num_heads")):
         return _fused_heads(module.num_heads, module.qkv.weight.shape[1], "qkv.weight", None,
                             module.qkv.weight.shape, rows=True,
                             out=("attn_out.weight", module.attn_out.weight.shape, False))
