@@ -54,15 +54,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import slt_probe
-from slt_probe.batched_model import BatchedModel
-from slt_probe.data import as_source
-from slt_probe.engine import run_estimate
+from slt_probe.core.batched_model import BatchedModel
+from slt_probe.core.data import as_source
+from slt_probe.core.engine import run_estimate
+from slt_probe.core.losses import resolve_loss
+from slt_probe.core.target import Target
 from slt_probe.experiments.grokking import default_activation
+from slt_probe.experiments.mnist import load_mnist
+from slt_probe.experiments.models import mlp
 from slt_probe.experiments.presets import build_model, build_task, preset
-from slt_probe.losses import resolve_loss
-from slt_probe.mnist import load_mnist
-from slt_probe.models import mlp
-from slt_probe.target import Target
 from slt_probe.run_log import write_json_atomic, write_text_atomic
 
 BATCH = 128

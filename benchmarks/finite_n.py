@@ -15,8 +15,8 @@ import time
 import warnings
 
 from slt_probe import SGLD, estimate_llc
+from slt_probe.core.settings import default_nbeta
 from slt_probe.ground_truth import problems as known_models
-from slt_probe.settings import default_nbeta
 
 BATCH_SIZE = 500
 

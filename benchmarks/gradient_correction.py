@@ -24,18 +24,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from locality import train_with_adam  # a sibling script: benchmarks/ is on the path
 from torch import nn
 
 import slt_probe
+from slt_probe.core.settings import default_nbeta
 from slt_probe.experiments.grokking import default_activation
+from slt_probe.experiments.mnist import load_mnist
 from slt_probe.experiments.presets import build_model, build_task, preset
 from slt_probe.ground_truth import problems
-from slt_probe.mnist import load_mnist
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
-from slt_probe.settings import default_nbeta
-
-from locality import train_with_adam  # a sibling script: benchmarks/ is on the path
 
 HEADER = ["point", "n", "d", "T = n‖g‖²/tr Σ̂", "T threshold", "pull at γ (nats)", "γ", "ε",
           "auto decides", "λ̂ plain", "λ̂ corrected", "λ; exact E[λ̂] where known", "s"]

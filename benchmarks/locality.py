@@ -26,8 +26,8 @@ from torch import nn
 import slt_probe
 from slt_probe.calibration import CalibrationError
 from slt_probe.experiments.grokking import default_activation
+from slt_probe.experiments.mnist import load_mnist
 from slt_probe.experiments.presets import build_model, build_task, preset
-from slt_probe.mnist import load_mnist
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import read_rows, write_csv_atomic, write_text_atomic
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import slt_probe
+from slt_probe.core.settings import default_nbeta
 from slt_probe.experiments import validation
 from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
-from slt_probe.settings import default_nbeta
 
 # the validation suite's deep linear networks at their teachers
 CASES = [case for case in validation.CASES

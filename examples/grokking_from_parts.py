@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import slt_probe
+from slt_probe.core.losses import resolve_loss
 from slt_probe.experiments.presets import (
     build_model,
     build_task,
@@ -22,7 +23,6 @@ from slt_probe.experiments.presets import (
     preset,
 )
 from slt_probe.experiments.training import evaluate
-from slt_probe.losses import resolve_loss
 
 
 def main(argv=None):

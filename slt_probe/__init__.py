@@ -3,16 +3,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import estimate_llc
 from .calibration import Calibration, CalibrationError, CalibrationGrid, calibrate
-from .diagnostics import ess_bulk, ess_tail, excess_ratio, rank_rhat
-from .estimator import DrawRecord, LLCAccumulator, LLCResult, llc_from_losses
-from .memory_plan import MemoryBudgetError, MemoryPlan
+from .core.diagnostics import ess_bulk, ess_tail, excess_ratio, rank_rhat
+from .core.estimator import DrawRecord, LLCAccumulator, LLCResult, llc_from_losses
+from .core.memory_plan import MemoryBudgetError, MemoryPlan
+from .core.record import EstimateRecord
+from .core.samplers import SGLD, SGNHT, RMSPropSGLD, Sampler, SamplerState
+from .core.settings import EstimateSettings, default_nbeta
 from .probe import LLCProbe, llc_trajectory, log_spaced_steps
 from .quadratic_baseline import QuadraticLLC, quadratic_llc
-from .record import EstimateRecord
 from .refined import estimate_restricted
 from .reports import plot_calibration, plot_trace, plot_trajectory
-from .samplers import SGLD, SGNHT, RMSPropSGLD, Sampler, SamplerState
-from .settings import EstimateSettings, default_nbeta
 
 try:
     __version__ = version("slt-probe")

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .batched_model import BatchedModel
 from .calibration import Calibration, calibrate_target
-from .data import as_source
-from .engine import run_estimate
-from .estimator import LLCResult
-from .losses import resolve_loss
-from .settings import EstimateSettings, resolve_settings
-from .target import Target
+from .core.batched_model import BatchedModel
+from .core.data import as_source
+from .core.engine import run_estimate
+from .core.estimator import LLCResult
+from .core.losses import resolve_loss
+from .core.settings import EstimateSettings, resolve_settings
+from .core.target import Target
 
 
 def estimate_llc(model: nn.Module, data, settings: EstimateSettings | None = None, *,

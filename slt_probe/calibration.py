@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
-from .data import as_source
-from .diagnostics import excess_ratio
-from .driver import ChainDriver
-from .estimator import llc_from_losses
-from .losses import resolve_loss
-from .target import Point, Target
-from .samplers import SGLD
-from .settings import EstimateSettings, resolve_settings
+from .core.batched_model import BatchedModel
+from .core.data import as_source
+from .core.diagnostics import excess_ratio
+from .core.driver import ChainDriver
+from .core.estimator import llc_from_losses
+from .core.losses import resolve_loss
+from .core.samplers import SGLD
+from .core.settings import EstimateSettings, resolve_settings
+from .core.target import Point, Target
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
 # γ from 1 to 10⁶ by half-decades: a large-weight network can need 10⁵ to stay local

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from .api import estimate_llc
 from .calibration import CalibrationError
+from .core.samplers import SGLD
 from .executors import EXECUTORS, make_executor
 from .experiments.compare import run_comparison
 from .experiments.grokking import default_activation, run_grokking
 from .experiments.homogeneity import SETUPS as HOMOGENEITY_SETUPS
 from .experiments.homogeneity import preset as homogeneity_preset
 from .experiments.homogeneity import run_homogeneity
+from .experiments.models import ACTIVATION_NAMES
 from .experiments.presets import REGIMES, SETUPS, preset
 from .experiments.summary import (
     MIN_FALL,
@@ -33,11 +35,9 @@ from .experiments.summary import (
     resolution_report,
 )
 from .experiments.sweeps import grokking_sweep
-from .ground_truth import problems
 from .experiments.validation import rejudge, validate
-from .models import ACTIVATION_NAMES
+from .ground_truth import problems
 from .run_log import write_json_atomic, write_text_atomic
-from .samplers import SGLD
 
 RUNS_DIR = "runs"  # where a user's runs go by default: not tracked (see .gitignore)
 

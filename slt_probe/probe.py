@@ -23,24 +23,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
 from .calibration import Calibration, calibrate_target
-from .data import as_source
-from .engine import run_estimate
+from .core.batched_model import BatchedModel
+from .core.data import as_source
+from .core.engine import run_estimate
+from .core.losses import resolve_loss
+from .core.record import CorrectionDecision
+from .core.settings import EstimateSettings, resolve_settings
+from .core.target import Target
 from .executors import Task, make_executor
-from .losses import resolve_loss
-from .record import CorrectionDecision
 from .refined import run_restricted
 from .run_log import (
     LLC_COLUMNS,
     TrajectoryLog,
-    preserved_state,
     restriction_columns,
     row_from_result,
     versions,
 )
-from .settings import EstimateSettings, resolve_settings
-from .target import Target
+from .state import preserved_state
 
 logger = logging.getLogger("slt_probe")
 PENDING_DIR = "pending"

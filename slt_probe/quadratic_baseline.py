@@ -51,10 +51,10 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, cg, eigsh
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batched_model import BatchedModel
-from .data import as_source
-from .losses import resolve_loss
-from .settings import default_nbeta
+from .core.batched_model import BatchedModel
+from .core.data import as_source
+from .core.losses import resolve_loss
+from .core.settings import default_nbeta
 
 MAX_DENSE = 3_000  # sampled coordinates up to which "auto" builds the dense Hessian
 METHODS = ("auto", "eigendecomposition", "hutchinson")

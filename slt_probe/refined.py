@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .api import prepare
-from .driver import ChainDriver, ChainGroup, check_groupable
-from .engine import correction_decision, estimate_record, point_accumulator
-from .estimator import DrawRecord, LLCResult
-from .settings import EstimateSettings, resolve_settings
-from .target import Target
+from .core.driver import ChainDriver, ChainGroup, check_groupable
+from .core.engine import correction_decision, estimate_record, point_accumulator
+from .core.estimator import DrawRecord, LLCResult
+from .core.settings import EstimateSettings, resolve_settings
+from .core.target import Target
 
 
 def estimate_restricted(model: nn.Module, data, restrictions: Mapping[str, object],

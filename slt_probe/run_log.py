@@ -1,5 +1,5 @@
 """Files a run writes and reads back: atomic CSV and JSON writes, the ``llc.csv`` row log
-with its manifest, and the state a probe must restore around an estimate.
+with its manifest and the writer lock on its folder.
 
 Every file is written to a temporary name in the same folder and moved into place, so an
 interrupted run never leaves a truncated file. Not here: estimating.
@@ -11,19 +11,16 @@ import io
 import json
 import os
 import platform
-import random
 import re
 import tempfile
 import weakref
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 try:  # POSIX: an advisory lock the kernel drops when its process ends
     import fcntl
@@ -93,34 +90,6 @@ def versions() -> dict:
         own = None
     return {"slt_probe": own, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
-
-
-@contextmanager
-def preserved_state(model: nn.Module):
-    """Restore global RNG streams (torch on every device, numpy, Python), the model's
-    parameters, gradients and train/eval modes on exit."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    modes = [m.training for m in model.modules()]
-    params = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
-              for p in model.parameters()]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            for module, mode in zip(model.modules(), modes):
-                module.training = mode
-            with torch.no_grad():
-                for p, value, grad in params:
-                    if not torch.equal(p, value):
-                        p.copy_(value)
-                    if grad is None:
-                        p.grad = None
-                    elif p.grad is None or not torch.equal(p.grad, grad):
-                        p.grad = grad
 
 
 class WriterLock:

@@ -1,8 +1,8 @@
 import os
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from slt_probe.ground_truth import problems as known_models

@@ -12,8 +12,8 @@ import math
 import pytest
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.ground_truth import problems as km
 from slt_probe.experiments.validation import judged_error, validate
+from slt_probe.ground_truth import problems as km
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import slt_probe
 from slt_probe import SGLD, estimate_llc
-from slt_probe.samplers import SamplerState
+from slt_probe.core.samplers import SamplerState
 
 FAST = dict(num_chains=2, num_draws=20, batch_size=64, verbose=False)
 
@@ -307,7 +307,11 @@ def test_label_key_names_the_target_field_of_a_dict_dataset(tiny_classifier):
 
 @pytest.mark.parametrize("loss_name", ["next_token", "cross_entropy"])
 def test_the_constant_predictor_of_a_sequence_loss_is_the_token_frequencies(loss_name):
-    from slt_probe.losses import ReferenceStats, constant_predictor_loss, resolve_loss
+    from slt_probe.core.losses import (
+        ReferenceStats,
+        constant_predictor_loss,
+        resolve_loss,
+    )
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (6, 7), generator=g)

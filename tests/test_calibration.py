@@ -15,7 +15,7 @@ from slt_probe.calibration import (
     gap_not_shrinking,
     relative_gap,
 )
-from slt_probe.settings import EstimateSettings
+from slt_probe.core.settings import EstimateSettings
 
 SMALL_GRID = CalibrationGrid(lrs=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6),
                              localizations=(1000.0, 100.0, 10.0, 1.0), num_chains=4,
@@ -176,7 +176,7 @@ def test_auto_sampler_records_the_choice_and_its_cost(regular_problem, monkeypat
     # the data and the gradient evidence), one resolution of nβ, for calibration and
     # estimate together
     calls = {"point": 0, "nbeta": 0}
-    measure, resolve = slt_probe.target.measure_point, EstimateSettings.resolve_nbeta
+    measure, resolve = slt_probe.core.target.measure_point, EstimateSettings.resolve_nbeta
 
     def counted_measure(*args, **kwargs):
         calls["point"] += 1
@@ -186,7 +186,7 @@ def test_auto_sampler_records_the_choice_and_its_cost(regular_problem, monkeypat
         calls["nbeta"] += 1
         return resolve(self, n)
 
-    monkeypatch.setattr(slt_probe.target, "measure_point", counted_measure)
+    monkeypatch.setattr(slt_probe.core.target, "measure_point", counted_measure)
     monkeypatch.setattr(EstimateSettings, "resolve_nbeta", counted_resolve)
     result = estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, sampler="auto",
                           calibration_grid=SMALL_GRID, num_chains=4, num_draws=500,

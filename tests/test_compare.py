@@ -9,8 +9,8 @@ from test_grokking import _tiny_config
 
 from slt_probe.experiments import compare, sweeps
 from slt_probe.experiments.redshift import grid_points, lz_complexity, mean_frequency
-from slt_probe.run_log import read_rows
 from slt_probe.reports import plot_resolutions
+from slt_probe.run_log import read_rows
 
 
 def test_compare_summarises_per_activation_and_resumes(tmp_path, monkeypatch):

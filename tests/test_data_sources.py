@@ -4,8 +4,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.batched_model import BatchedModel
-from slt_probe.losses import resolve_loss
+from slt_probe.core.batched_model import BatchedModel
+from slt_probe.core.losses import resolve_loss
 
 SETTINGS = dict(sampler=SGLD(lr=1e-3, localization=10.0), num_chains=3, num_draws=40,
                 num_burnin=10, batch_size=25, verbose=False)

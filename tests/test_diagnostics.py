@@ -5,8 +5,14 @@ import pytest
 import torch
 
 import slt_probe
-from slt_probe.diagnostics import diagnose, ess_bulk, ess_tail, excess_ratio, rank_rhat
-from slt_probe.estimator import DrawRecord, LLCAccumulator
+from slt_probe.core.diagnostics import (
+    diagnose,
+    ess_bulk,
+    ess_tail,
+    excess_ratio,
+    rank_rhat,
+)
+from slt_probe.core.estimator import DrawRecord, LLCAccumulator
 
 
 def _ar1(phi, chains, draws, seed):

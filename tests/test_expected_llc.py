@@ -5,10 +5,10 @@ import pytest
 from scipy import integrate
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.ground_truth import problems as km
+from slt_probe.core.settings import default_nbeta
 from slt_probe.experiments.validation import judged_error, rejudge
+from slt_probe.ground_truth import problems as km
 from slt_probe.run_log import read_rows, write_csv_atomic
-from slt_probe.settings import default_nbeta
 
 
 def _monomial_at_origin_by_one_integral(b: int, nbeta: float, localization: float) -> float:

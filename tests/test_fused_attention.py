@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from slt_probe.fused_attention import chains_join_the_batch
+from slt_probe.core.fused_attention import chains_join_the_batch
 
 CHAINS, BATCH, HEADS, L, S, E = 3, 2, 4, 5, 6, 8
 

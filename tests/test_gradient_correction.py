@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from slt_probe import SGLD, Calibration, EstimateSettings, LLCProbe, estimate_llc
-from slt_probe.batched_model import BatchedModel
-from slt_probe.data import as_source
-from slt_probe.gradient_evidence import GradientEvidence, measure_gradient, noise_threshold
+from slt_probe.core.batched_model import BatchedModel
+from slt_probe.core.data import as_source
+from slt_probe.core.gradient_evidence import (
+    GradientEvidence,
+    measure_gradient,
+    noise_threshold,
+)
+from slt_probe.core.losses import resolve_loss
+from slt_probe.core.settings import default_nbeta
 from slt_probe.ground_truth import problems
-from slt_probe.losses import resolve_loss
-from slt_probe.settings import default_nbeta
 
 
 def _displaced(shift, seed=0):

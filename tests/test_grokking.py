@@ -12,9 +12,9 @@ import pytest
 from slt_probe.cli import main
 from slt_probe.experiments import training
 from slt_probe.experiments.grokking import run_grokking
+from slt_probe.experiments.models import ModAddTransformer
 from slt_probe.experiments.presets import LocalLLC, build_model, preset
 from slt_probe.experiments.summary import claims, summarize
-from slt_probe.models import ModAddTransformer
 from slt_probe.run_log import read_rows, write_csv_atomic
 
 

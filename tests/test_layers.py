@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.batched_model import select_output
+from slt_probe.core.batched_model import select_output
 
 SETTINGS = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=3, num_draws=8,
                 num_burnin=2, batch_size=16, verbose=False, gradient_correction=False)

@@ -13,8 +13,14 @@ import torch
 from torch import nn
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.memory_plan import (MODEL_COPIES, STATE_VECTORS, STEP_HEADROOM,
-                                   MemoryBudgetError, parse_bytes, plan)
+from slt_probe.core.memory_plan import (
+    MODEL_COPIES,
+    STATE_VECTORS,
+    STEP_HEADROOM,
+    MemoryBudgetError,
+    parse_bytes,
+    plan,
+)
 
 SETTINGS = dict(sampler=SGLD(lr=1e-4, localization=100.0), num_chains=6, num_draws=6,
                 num_burnin=2, batch_size=32, verbose=False, gradient_correction=False)

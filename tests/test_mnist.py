@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from slt_probe.experiments.mnist import ENV_VAR, load_mnist, read_idx
 from slt_probe.experiments.tasks import mnist_task
-from slt_probe.mnist import ENV_VAR, load_mnist, read_idx
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

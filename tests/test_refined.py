@@ -5,7 +5,7 @@ import torch
 
 import slt_probe
 from slt_probe import SGLD, estimate_llc
-from slt_probe.models import ModAddTransformer
+from slt_probe.experiments.models import ModAddTransformer
 from slt_probe.refined import estimate_restricted
 from slt_probe.restrictions import attention_heads
 

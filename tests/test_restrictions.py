@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from slt_probe import SGLD, estimate_llc
-from slt_probe.models import ModAddTransformer
+from slt_probe.experiments.models import ModAddTransformer
 from slt_probe.restrictions import attention_heads, layers, preview
 
 

@@ -1,13 +1,12 @@
 import math
-
 from dataclasses import replace
 
 import pytest
 import torch
 
 from slt_probe import SGLD, SGNHT, RMSPropSGLD
-from slt_probe.batched_model import BatchedModel
-from slt_probe.losses import resolve_loss
+from slt_probe.core.batched_model import BatchedModel
+from slt_probe.core.losses import resolve_loss
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -9,8 +9,8 @@ import torch
 
 from slt_probe import SGLD, estimate_llc
 from slt_probe.cli import main
-from slt_probe.data import MinibatchStream
-from slt_probe.settings import default_nbeta
+from slt_probe.core.data import MinibatchStream
+from slt_probe.core.settings import default_nbeta
 
 FAST = dict(sampler=SGLD(lr=3e-5, localization=1.0), num_chains=4, num_draws=400,
             num_burnin=200, batch_size=500, verbose=False)

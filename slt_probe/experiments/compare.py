@@ -22,9 +22,9 @@ import torch
 
 from ..calibration import Calibration
 from ..executors import SerialExecutor
-from ..models import activation
 from ..reports import markdown_table, mean_pm_std, plot_comparison, plot_redshift
 from ..run_log import write_csv_atomic, write_json_atomic, write_text_atomic
+from .models import activation
 from .presets import REGIMES, GrokkingConfig, build_model, build_task, preset
 from .redshift import WEIGHT_SCALES, complexity_at_init
 from .summary import aggregate, load_run, resolution_report

@@ -39,15 +39,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration, CalibrationGrid
-from ..data import MinibatchStream
+from ..core.data import MinibatchStream
+from ..core.losses import resolve_loss
+from ..core.settings import EstimateSettings
 from ..executors import SerialExecutor, Task
-from ..losses import resolve_loss
-from ..mnist import load_available_mnist
-from ..models import ModAddMLP, mlp, modadd_data
 from ..probe import llc_trajectory
 from ..reports import markdown_table, mean_pm_std, plot_homogeneity
 from ..run_log import versions, write_csv_atomic, write_json_atomic, write_text_atomic
-from ..settings import EstimateSettings
+from .mnist import load_available_mnist
+from .models import ModAddMLP, mlp, modadd_data
 
 SETUPS = ("mnist-mlp", "modadd-mlp")
 # what a width's record keeps of each network's estimate

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationGrid
-from ..models import ModAddMLP, ModAddTransformer, activation, mlp
+from ..core.samplers import SGLD
+from ..core.settings import EstimateSettings
 from ..probe import log_spaced_steps
-from ..samplers import SGLD
-from ..settings import EstimateSettings
+from .models import ModAddMLP, ModAddTransformer, activation, mlp
 from .tasks import Task, mnist_task, modadd_task
 
 # "local-x3"/"local-x10": the local regime's calibrated sampler at γ × 3 and × 10 (and ε

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..mnist import load_available_mnist
-from ..models import modadd_data
+from .mnist import load_available_mnist
+from .models import modadd_data
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import MinibatchStream
-from ..losses import resolve_loss
+from ..core.data import MinibatchStream
+from ..core.losses import resolve_loss
 from ..run_log import read_rows, write_csv_atomic, write_json_atomic
 from .presets import GrokkingConfig, build_model, build_task, make_optimizer
 from .tasks import Task

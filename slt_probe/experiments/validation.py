@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from ..api import estimate_llc
 from ..calibration import CalibrationGrid
+from ..core.losses import constant_predictor_loss, resolve_loss
+from ..core.settings import EstimateSettings, default_nbeta
 from ..ground_truth import problems
-from ..losses import constant_predictor_loss, resolve_loss
 from ..reports import markdown_table, plot_validation
 from ..run_log import read_rows, write_csv_atomic, write_text_atomic
-from ..settings import EstimateSettings, default_nbeta
 from .presets import preset
 from .training import train
 

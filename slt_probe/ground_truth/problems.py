@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..losses import resolve_loss
+from ..core.losses import resolve_loss
 from .formulas import deep_linear_lambda, monomial_lambda, regular_lambda
 
 

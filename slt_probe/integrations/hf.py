@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from ..data import as_source
+from ..core.data import as_source
 from ..probe import LLCProbe
 from .metrics import require, row_metrics
 

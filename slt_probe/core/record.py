@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: settings and calibration sit above the estimator
-    from .calibration import Calibration
+if TYPE_CHECKING:  # annotations only: settings and calibration both import the estimator
+    from ..calibration import Calibration
     from .settings import EstimateSettings
 
 

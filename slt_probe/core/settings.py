@@ -69,7 +69,7 @@ class EstimateSettings:
             points that are not minima) and reports nβ·E[L(w) − L(w*) − g·(w − w*)];
             ``"auto"`` turns it on only where g is significantly larger than its own
             sampling noise and would pull the plain estimate by more than a nat
-            (``slt_probe.gradient_evidence``); ``sampler="auto"`` decides once, at the
+            (``slt_probe.core.gradient_evidence``); ``sampler="auto"`` decides once, at the
             calibrated γ, and the decision is held for every estimate made with it.
         max_excess_ratio: the locality limit: chains whose mean loss gave back more than
             this fraction of the gap between L_n(w*) and the best constant predictor's

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .backends.devinterp_backend import run_devinterp
+from .devinterp_backend import run_devinterp
 from .driver import MALA_SAMPLES, ChainDriver
 from .estimator import LLCAccumulator, LLCResult
 from .record import ComputeRecord, CorrectionDecision, EstimateRecord

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..estimator import DrawRecord
-from ..samplers import SGLD, SGNHT, RMSPropSGLD
+from .estimator import DrawRecord
+from .samplers import SGLD, SGNHT, RMSPropSGLD
 
 
 def _sampling_method(sampler, nbeta: float):

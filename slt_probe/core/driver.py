@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .batched_model import BatchedModel
 from .estimator import DrawRecord
-from .target import Point
 from .samplers import Sampler
+from .target import Point
 
 # λ ≤ d/2 always; a single draw whose nβ·(L − L*) exceeds this many times d is a blow-up.
 DIVERGENCE_FACTOR = 1000.0

@@ -1,1 +1,0 @@
-"""Alternative execution backends for the same estimate (currently devinterp, the reference)."""
