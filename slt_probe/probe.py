@@ -282,6 +282,16 @@ class LLCProbe:
         os.replace(tmp, path)
         self._pending[step] = path
 
+    def calibrate_on_state(self, state, step: int, *, verbose: bool) -> Calibration:
+        """Calibrate on the weights ``state`` (those of ``step``) and hold the result."""
+        started = time.perf_counter()
+        with preserved_state(self.model):
+            calibration = calibrate_target(self.target_at(state), self.settings,
+                                           verbose=verbose)
+        self.probe_seconds += time.perf_counter() - started
+        self.use_calibration(calibration, step=step)
+        return calibration
+
     def calibrate_now(self) -> Calibration:
         """Calibrate on the model's current weights, then estimate every kept step. Blocks
         until done (a progress bar with the calibration's step budget and the kept steps
@@ -290,17 +300,12 @@ class LLCProbe:
             raise RuntimeError("the probe's sampler is already fixed")
         logger.info("slt_probe: calibrating on the weights at step %d (training waits); "
                     "%d kept steps follow", self.step_count, len(self._pending))
-        started = time.perf_counter()
-        with preserved_state(self.model):
-            calibration = calibrate_target(self.target_at(self.model.state_dict()),
-                                           self.settings, verbose=self.verbose)
-        self.probe_seconds += time.perf_counter() - started
-        self.use_calibration(calibration, step=self.step_count)
+        calibration = self.calibrate_on_state(self.model.state_dict(), self.step_count,
+                                        verbose=self.verbose)
         for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
                          disable=not self.verbose, leave=False):
             kept = self._pending.pop(step)
-            state = torch.load(kept) if isinstance(kept, Path) else kept
-            self._estimate_state(step, state)
+            self._estimate_state(step, read_checkpoint(kept, step))
             if isinstance(kept, Path):
                 kept.unlink()
         return calibration
@@ -411,13 +416,20 @@ class Trajectory(list):
                 "calibration": None if self.calibration is None else self.calibration.to_dict()}
 
 
-def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSettings, *,
-                   loss_fn, output, load: Callable, step: int) -> tuple[int, dict]:
-    """One checkpoint's ``llc.csv`` row, as a task of a sweep executor: the estimate runs
-    on a copy of ``model`` holding the checkpoint; the driver writes the row."""
+def read_checkpoint(checkpoint, step: int, load: Callable = torch.load) -> Mapping:
+    """The state_dict of a checkpoint: the dict itself, or ``load(path)``."""
     state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(state, Mapping):
         raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
+    return state
+
+
+def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSettings, *,
+                   loss_fn, output, load: Callable, step: int) -> tuple[int, dict]:
+    """One checkpoint's ``llc.csv`` row, as a task of a sweep executor: the target is
+    prepared here (``model``'s architecture at the checkpoint's weights; ``model`` itself
+    is not touched); the driver writes the row."""
+    state = read_checkpoint(checkpoint, step, load)
     started = time.perf_counter()
     batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
     target = Target.prepare(batched, as_source(data, stream=settings.stream), settings, state)
@@ -478,32 +490,19 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
                          "leave executor=None to estimate them along checkpoints")
     probe = LLCProbe(model, data, settings, loss_fn=loss_fn, output=output, every=None,
                      steps=steps, log_dir=log_dir, verbose=False, **overrides)
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def load_checkpoint(checkpoint, step):
-        state = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-        if not isinstance(state, Mapping):
-            raise TypeError(f"checkpoint for step {step} is not a state_dict or a path")
-        model.load_state_dict(state)
-
     try:
         if probe.settings.auto:
-            load_checkpoint(checkpoints[calibrate_on], steps[calibrate_on])
-            with preserved_state(model):
-                probe.use_calibration(calibrate_target(probe.target_at(model.state_dict()),
-                                                       probe.settings, verbose=verbose),
-                                      step=steps[calibrate_on])
+            probe.calibrate_on_state(read_checkpoint(checkpoints[calibrate_on], steps[calibrate_on],
+                                               load), steps[calibrate_on], verbose=verbose)
         todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
                 if not probe._log.has_llc(step)]
         if executor is not None and probe.settings.gradient_correction == "auto" and todo:
             # the first estimate decides the correction for all (one estimator per curve)
             step, checkpoint = todo.pop(0)
-            load_checkpoint(checkpoint, step)
-            probe.estimate(step)
+            probe._estimate_state(step, read_checkpoint(checkpoint, step, load))
         if executor is None:
             for step, checkpoint in tqdm(todo, desc="checkpoints", disable=not verbose):
-                load_checkpoint(checkpoint, step)
-                probe.estimate(step)
+                probe._estimate_state(step, read_checkpoint(checkpoint, step, load))
         else:
             runner = make_executor(executor) if isinstance(executor, str) else executor
             tasks = [Task(checkpoint_row, dict(model=model, checkpoint=checkpoint, data=data,
@@ -514,7 +513,6 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
             runner.map(tasks, desc="checkpoints", verbose=verbose,
                        on_result=lambda outcome: probe.record(*outcome.value))
     finally:
-        model.load_state_dict(original)
         probe.detach()
     return Trajectory(rows=probe.history, settings=probe.settings,
                       calibration=probe.calibration)

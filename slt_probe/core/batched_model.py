@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .data import num_examples, take
 from .fused_attention import chains_join_the_batch
 from .losses import Loss
 from .memory_plan import MemoryPlan, SavedBytes, budget, plan
@@ -88,17 +89,6 @@ def _tf32():
         yield
     finally:
         matmul.fp32_precision, cudnn.fp32_precision = previous
-
-
-def take(x, index):
-    """``x[index]`` for a tensor or a dict of tensors (keyword inputs)."""
-    if isinstance(x, Mapping):
-        return {k: v[index] for k, v in x.items()}
-    return x[index]
-
-
-def num_examples(x) -> int:
-    return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
 
 
 class BatchedModel:

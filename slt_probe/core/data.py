@@ -54,11 +54,13 @@ def _stack(parts):
     return torch.stack(parts)
 
 
-def _size(x) -> int:
+def num_examples(x) -> int:
+    """The examples in ``x``, a tensor or a dict of tensors (keyword inputs)."""
     return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
 
 
-def _take(x, index):
+def take(x, index):
+    """``x[index]`` for a tensor or a dict of tensors (keyword inputs)."""
     if isinstance(x, Mapping):
         return {k: v[index] for k, v in x.items()}
     return x[index]
@@ -71,7 +73,7 @@ def _checked(x, y: Tensor):
                         f"({type(first).__name__}, {type(y).__name__})")
     if first.dim() == 0 or y.dim() == 0:
         raise ValueError("data tensors need a leading example dimension; got a scalar")
-    n = _size(x)
+    n = num_examples(x)
     if n == 0:
         raise ValueError("data is empty: x has no examples")
     if isinstance(x, Mapping) and any(len(v) != n for v in x.values()):
@@ -124,7 +126,7 @@ class TensorSource:
 
     def __init__(self, x, y: Tensor):
         self.x, self.y = _checked(x, y)
-        self.n = _size(self.x)
+        self.n = num_examples(self.x)
 
     def to(self, device) -> "TensorSource":
         move = (lambda v: v.to(device))  # noqa: E731
@@ -141,12 +143,12 @@ class TensorSource:
         stream = MinibatchStream(self.n, chains, batch_size, generator, device)
         while True:
             idx = stream.next()
-            yield _take(self.x, idx), self.y[idx], idx
+            yield take(self.x, idx), self.y[idx], idx
 
     def chunks(self, size: int = _READ_CHUNK) -> Iterator[tuple]:
         for start in range(0, self.n, size):
             part = slice(start, start + size)
-            yield _take(self.x, part), self.y[part]
+            yield take(self.x, part), self.y[part]
 
 
 class MapSource:

@@ -42,7 +42,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from .batched_model import take
+from .data import take
 
 NOISE_GROUPS = 32
 SIGNIFICANCE = 1e-3

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration
-from ..probe import llc_trajectory
+from ..probe import llc_trajectory, read_checkpoint
 from ..quadratic_baseline import quadratic_llc
 from ..reports import plot_grokking
 from ..run_log import CSV_NAME, MANIFEST_NAME, write_csv_atomic, write_json_atomic
@@ -117,8 +117,7 @@ def add_quadratic_baseline(rows: list[dict], model, checkpoints: dict, data, los
             and r.get("quadratic_llc") in (None, "")]
     for row in tqdm(todo, desc="quadratic baseline", disable=not verbose):
         checkpoint = checkpoints[row["step"]]
-        model.load_state_dict(torch.load(checkpoint) if isinstance(checkpoint, Path)
-                              else checkpoint)
+        model.load_state_dict(read_checkpoint(checkpoint, row["step"]))
         q = quadratic_llc(model, data, loss_fn=loss_fn, nbeta=row["nbeta"],
                           localization=row["localization"], method="hutchinson",
                           num_probes=BASELINE_PROBES, seed=int(row["step"]), verbose=False)
