@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core.batched_model import BatchedModel
+from .core.checks import check_positive
 from .core.data import as_source
 from .core.losses import resolve_loss
 from .core.settings import default_nbeta
@@ -144,10 +145,9 @@ def quadratic_llc(model: nn.Module, data, *, localization: float, nbeta: float |
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not (isinstance(localization, (int, float)) and localization > 0):
-        raise ValueError(f"localization (γ) must be a positive number, got {localization!r}")
-    if nbeta is not None and not nbeta > 0:
-        raise ValueError(f"nbeta must be positive, got {nbeta!r}")
+    check_positive("localization (γ)", localization)
+    if nbeta is not None:
+        check_positive("nbeta", nbeta)
     if num_probes < 2:
         raise ValueError(f"num_probes must be at least 2, got {num_probes}")
     started = time.perf_counter()

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 import torch
 
 from . import batched_model
+from .checks import check_int, check_positive
 from .estimator import ESTIMATORS, LOSS_ON
 from .memory_plan import parse_bytes
-from .samplers import SGLD, Sampler, check_positive
+from .samplers import SGLD, Sampler
 
 BACKENDS = ("native", "devinterp")
 PRECISIONS = tuple(batched_model.PRECISIONS)
@@ -36,13 +37,6 @@ def default_nbeta(num_examples: int) -> float:
     if num_examples < 2:
         raise ValueError("nbeta = n/log n needs at least 2 examples; pass sampler nbeta=...")
     return num_examples / math.log(num_examples)
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,7 @@ class EstimateSettings:
                             f"or 'auto'; got {type(self.sampler).__name__}")
         for name, low in (("num_chains", 1), ("num_draws", 1), ("num_burnin", 0),
                           ("batch_size", 1), ("num_warmup", 0)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.estimator not in ESTIMATORS:
@@ -178,7 +172,7 @@ class EstimateSettings:
         if not isinstance(self.compile, bool):
             raise TypeError(f"compile must be True or False, got {self.compile!r}")
         if self.chain_batch not in (None, "auto"):
-            _check_int("chain_batch", self.chain_batch, 1)
+            check_int("chain_batch", self.chain_batch, 1)
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
         if self.precision not in PRECISIONS:
