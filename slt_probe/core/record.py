@@ -73,7 +73,7 @@ class EstimateRecord:
     correction: CorrectionDecision
     compute: ComputeRecord
     seconds: float = 0.0
-    calibration: Calibration | None = None
+    calibration: Calibration | None = field(default=None, repr=False)  # its table is long
     calibrated_on: str | None = None
     restriction: str | None = None
     restrictions_in_run: int | None = None
