@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 import torch
+from scipy.fft import dctn
 from torch import Tensor, nn
 
 GRID = 64
@@ -30,8 +31,6 @@ def mean_frequency(values: np.ndarray) -> float:
     """Magnitude-weighted mean radial frequency (cycles per grid side) of a 2-D function
     sampled on a square grid. A cosine transform (the spectrum of the mirrored, hence
     periodic, function) so a plain ramp does not read as a sawtooth's high frequencies."""
-    from scipy.fft import dctn
-
     values = np.asarray(values, dtype=float)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"values must be a square 2-D grid, got shape {values.shape}")
