@@ -39,7 +39,7 @@ from .core.estimator import llc_from_losses
 from .core.losses import resolve_loss
 from .core.samplers import SGLD
 from .core.settings import EstimateSettings, resolve_settings
-from .core.target import Point, Target
+from .core.target import Target
 
 DEFAULT_LRS = tuple(float(f"{m}e{e}") for e in range(-8, -1) for m in (1, 2, 5))
 # γ from 1 to 10⁶ by half-decades: a large-weight network can need 10⁵ to stay local
@@ -373,12 +373,11 @@ class Calibration:
 class _Search:
     """The stages; rows go to ``table``; all runs share one step budget."""
 
-    def __init__(self, make_driver, grid: CalibrationGrid, point: Point, nbeta: float,
-                 max_ratio: float, bar):
+    def __init__(self, make_driver, grid: CalibrationGrid, target: Target, max_ratio: float,
+                 bar):
         self.make_driver = make_driver
         self.grid = grid
-        self.point = point
-        self.nbeta = nbeta
+        self.point = target.point
         self.max_ratio = max_ratio
         self.bar = bar
         self.table: list[dict] = []
@@ -657,7 +656,7 @@ def calibrate_target(target: Target, settings: EstimateSettings, *,
 
     bar = tqdm(total=grid.max_steps, desc="calibrating (steps, at most)", unit="step",
                disable=not verbose, leave=False)
-    search = _Search(make_driver, grid, point, nbeta, max_ratio, bar)
+    search = _Search(make_driver, grid, target, max_ratio, bar)
     try:
         stable = search.stable_lr()
         if not stable.ok:
