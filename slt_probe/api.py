@@ -6,11 +6,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .calibration import Calibration, calibrate_target
-from .core.batched_model import BatchedModel
-from .core.data import as_source
 from .core.engine import run_estimate
 from .core.estimator import LLCResult
-from .core.losses import resolve_loss
 from .core.settings import EstimateSettings, resolve_settings
 from .core.target import Target
 
@@ -85,9 +82,8 @@ def prepare(model: nn.Module, data, settings: EstimateSettings, *, loss_fn, outp
             label_key: str | None, verbose: bool) -> Prepared:
     """Resolve the loss and the data, build the target once, and calibrate on it when the
     sampler is "auto" (shared by ``estimate_llc`` and ``estimate_restricted``)."""
-    source = as_source(data, stream=settings.stream, label_key=label_key)
-    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
-    target = Target.prepare(batched, source, settings, model.state_dict())
+    target = Target.of(model, data, settings, loss_fn=loss_fn, output=output,
+                       label_key=label_key)
     calibration = None
     if settings.auto:
         calibration = calibrate_target(target, settings, verbose=verbose)

@@ -31,12 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core.batched_model import BatchedModel
-from .core.data import as_source
 from .core.diagnostics import excess_ratio
 from .core.driver import ChainDriver
 from .core.estimator import llc_from_losses
-from .core.losses import resolve_loss
 from .core.samplers import SGLD
 from .core.settings import EstimateSettings, resolve_settings
 from .core.target import Target
@@ -624,9 +621,7 @@ def calibrate(model, data, settings: EstimateSettings | None = None, *,
         True
     """
     settings = resolve_settings(settings, overrides)
-    source = as_source(data, stream=settings.stream)
-    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
-    return calibrate_target(Target.prepare(batched, source, settings, model.state_dict()),
+    return calibrate_target(Target.of(model, data, settings, loss_fn=loss_fn, output=output),
                             settings, grid=grid, verbose=verbose)
 
 

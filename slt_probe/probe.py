@@ -167,8 +167,6 @@ class LLCProbe:
         self.calibration: Calibration | None = None
         self._pending: dict[int, object] = {}  # step -> state_dict or its file
         self.source = as_source(data, stream=self.settings.stream)
-        self.loss_fn = loss_fn
-        self.output = output
         self.batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), self.settings,
                                                  output=output, exclude_from_copy=exclude_from_copy)
         self.step_count = 0
@@ -301,7 +299,7 @@ class LLCProbe:
         logger.info("slt_probe: calibrating on the weights at step %d (training waits); "
                     "%d kept steps follow", self.step_count, len(self._pending))
         calibration = self.calibrate_on_state(self.model.state_dict(), self.step_count,
-                                        verbose=self.verbose)
+                                              verbose=self.verbose)
         for step in tqdm(sorted(self._pending), desc="LLC of kept steps",
                          disable=not self.verbose, leave=False):
             kept = self._pending.pop(step)
@@ -431,8 +429,7 @@ def checkpoint_row(model: nn.Module, checkpoint, data, settings: EstimateSetting
     is not touched); the driver writes the row."""
     state = read_checkpoint(checkpoint, step, load)
     started = time.perf_counter()
-    batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings, output=output)
-    target = Target.prepare(batched, as_source(data, stream=settings.stream), settings, state)
+    target = Target.of(model, data, settings, loss_fn=loss_fn, output=output, state=state)
     result = run_estimate(target, settings, verbose=False)
     return step, row_from_result(result, time.perf_counter() - started)
 
@@ -492,8 +489,9 @@ def llc_trajectory(model: nn.Module, checkpoints: Iterable, data,
                      steps=steps, log_dir=log_dir, verbose=False, **overrides)
     try:
         if probe.settings.auto:
-            probe.calibrate_on_state(read_checkpoint(checkpoints[calibrate_on], steps[calibrate_on],
-                                               load), steps[calibrate_on], verbose=verbose)
+            step = steps[calibrate_on]
+            probe.calibrate_on_state(read_checkpoint(checkpoints[calibrate_on], step, load),
+                                     step, verbose=verbose)
         todo = [(step, checkpoint) for step, checkpoint in zip(steps, checkpoints)
                 if not probe._log.has_llc(step)]
         if executor is not None and probe.settings.gradient_correction == "auto" and todo:

@@ -75,7 +75,7 @@ def run_restricted(target: Target, settings: EstimateSettings,
     target.check_settings(settings)
     names = list(restrictions)
     own = {name: replace(settings, restrict_to=restrictions[name]) for name in names}
-    targets = {name: target.restricted(own[name].restrict_to) for name in names}
+    targets = {name: target.restricted(restrictions[name]) for name in names}
     decisions = {name: correction_decision(targets[name], own[name]) for name in names}
     groups = [ChainGroup(targets[name].point, decisions[name].applied,
                          torch.Generator(device=target.model.device).manual_seed(settings.seed))

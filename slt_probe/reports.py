@@ -284,9 +284,8 @@ def _range_band(trajectories: list[list[dict]]):
 
 def plot_resolutions(runs: dict[str, list[list[dict]]], path=None, title: str = "") -> Figure:
     """λ̂ (solid, the mean over seeds with their range shaded, positive points at a critical
-    point only) and the
-    curvature baseline (dashed) of each resolution regime on one log axis, with the test
-    accuracy of the first seed."""
+    point only) and the curvature baseline (dashed) of each resolution regime on one log
+    axis, with the test accuracy of the first seed."""
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     colours = iter(["tab:purple", "tab:blue", "tab:green", "tab:red"])

@@ -72,7 +72,7 @@ class EstimateRecord:
     data: str  # "in memory" or "streamed"
     correction: CorrectionDecision
     compute: ComputeRecord
-    seconds: float = 0.0
+    seconds: float = 0.0  # the chains' (the target was prepared before they started)
     calibration: Calibration | None = field(default=None, repr=False)  # its table is long
     calibrated_on: str | None = None
     restriction: str | None = None

@@ -3,9 +3,10 @@
 A ``Target`` holds the batched model, the data source (on the model's device when it is
 in memory), w*, what is measured at w* on the data (a ``Point``: the per-example losses or
 L_n(w*), the constant predictor's loss, ∇L_n(w*) and the evidence on whether it is real)
-and nβ. Calibration, the estimate, the probe and checkpoint estimates all take one;
-a weight restriction is the same target with its own mask (``Target.restricted``). Whether the gradient correction
-applies is the target's decision (``correction_applies``), taken at a γ.
+and nβ. Calibration, the estimate, the probe and checkpoint estimates all take one; a
+weight restriction is the same target with its own mask (``Target.restricted``). Whether
+the gradient correction applies is the target's decision (``correction_applies``), taken
+at a γ.
 
 Not here: sampling (``driver``), the estimate (``engine``), choosing settings
 (``calibration``).
@@ -19,13 +20,19 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from .batched_model import BatchedModel
+from .data import as_source
 from .gradient_evidence import (
     GRADIENT_SUMMARY_KEYS,
     PULL_THRESHOLD,
     GradientEvidence,
     measure_gradient,
 )
-from .losses import ReferenceStats, check_output_and_targets, constant_predictor_loss
+from .losses import (
+    ReferenceStats,
+    check_output_and_targets,
+    constant_predictor_loss,
+    resolve_loss,
+)
 from .settings import EstimateSettings
 
 
@@ -129,6 +136,19 @@ class Target:
         nbeta, nbeta_source = settings.resolve_nbeta(source.n)
         return cls(model, source, measure_point(model, w_star, source, settings), nbeta,
                    nbeta_source, settings)
+
+    @classmethod
+    def of(cls, model, data, settings: EstimateSettings, *, loss_fn, output=None,
+           label_key: str | None = None, state: Mapping[str, Tensor] | None = None
+           ) -> "Target":
+        """The target of the user's ``model`` (at ``state``, default its own weights) on
+        ``data``, as ``estimate_llc`` takes them: the loss resolved, the data wrapped, the
+        batched model built, then ``prepare``."""
+        source = as_source(data, stream=settings.stream, label_key=label_key)
+        batched = BatchedModel.for_settings(model, resolve_loss(loss_fn), settings,
+                                            output=output)
+        return cls.prepare(batched, source, settings,
+                           model.state_dict() if state is None else state)
 
     @property
     def w_star(self) -> Tensor:

@@ -307,8 +307,8 @@ def markdown(rows: list[dict], command: str) -> str:
              "large-n limit. r is the excess ratio (n/a where w* is itself nearly a constant "
              "predictor). Calibration and estimate seconds are one thread each.", ""]
     header = ["case", "d", "true λ", "exact E[λ̂] at n, γ, or target at the teacher",
-              "λ̂ ± std", "chains", "rel. error ± s.e.", "healthy", "r", "ε, γ (auto)", "warm-up: steps × ε",
-              "calibration s", "estimate s"]
+              "λ̂ ± std", "chains", "rel. error ± s.e.", "healthy", "r", "ε, γ (auto)",
+              "warm-up: steps × ε", "calibration s", "estimate s"]
     table = []
     for r in rows:
         mark = "" if abs(judged_error(r)) <= r["tolerance"] else " ✗"
