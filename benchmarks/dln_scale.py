@@ -1,6 +1,7 @@
 """Deep linear networks at scale, at their teachers, under automatic calibration only.
 
-    python benchmarks/dln_scale.py [--sizes 1e4,1e5,1e6] [--n 20000] [--out results/benchmarks]
+    python benchmarks/dln_scale.py [--sizes 1e4,1e5,1e6] [--n 20000] [--max-excess-ratio R]
+                                   [--out results/benchmarks]
 
 The setup of Furman & Lau (2024): a deep linear network whose weights are a teacher of a
 given end-to-end rank, data generated from it with unit Gaussian noise, and λ̂ estimated
@@ -8,7 +9,8 @@ at the teacher (w* = the teacher, β = 1/log n) with ``sampler="auto"``. For eac
 widths (four layers of equal width w, so d = 4w²), rank w/4, the true λ (Aoyagi), the
 data's pull nβ·(L_n(teacher) − L_n(w_s)) (w_s the settled minimum nearby: λ̂ at the teacher
 reads that much below λ̂ at w_s for any sampler), λ̂ ± s.e. against λ and against λ − pull,
-the ε, γ and nβ the calibration chose, chains × draws, wall time and peak memory. Each
+the ε, γ and nβ the calibration chose, the locality limit it ran under (``--max-excess-ratio``,
+default the library's), chains × draws, wall time and peak memory. Each
 size runs in its own process (one thread) so that its peak memory is its own. Appends to
 ``OUT/dln_scale.md``.
 """
@@ -32,21 +34,22 @@ from slt_probe.reports import markdown_table
 from slt_probe.run_log import write_text_atomic
 
 HEADER = ["d", "widths", "rank", "n", "true λ", "pull", "λ̂ ± s.e.", "rel. error",
-          "error vs λ − pull", "ε", "γ", "nβ",
+          "error vs λ − pull", "ε", "γ", "nβ", "locality limit", "excess ratio",
           "chains × draws", "correction", "healthy", "calibration s", "estimate s",
           "peak RSS MB"]
 
 
-def one_size(target: int, n: int, draws: int) -> dict:
+def one_size(target: int, n: int, draws: int, max_excess_ratio: float | None) -> dict:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     width = max(2, round(math.sqrt(target / 4)))
     rank = max(1, width // 4)
     widths = [width] * 5
     p = problems.deep_linear(widths, rank, n, seed=0)
+    limit = {} if max_excess_ratio is None else {"max_excess_ratio": max_excess_ratio}
     started = time.perf_counter()
     r = slt_probe.estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler="auto",
-                               num_draws=draws, batch_size=500, verbose=False)
+                               num_draws=draws, batch_size=500, verbose=False, **limit)
     truth = float(p.true_lambda)
     pull = p.teacher_pull(r.nbeta)
     cal = r.config["calibration"]
@@ -55,6 +58,8 @@ def one_size(target: int, n: int, draws: int) -> dict:
             "relative_error": r.llc_mean / truth - 1, "pull": pull,
             "error_vs_target": r.llc_mean / (truth - pull) - 1, "lr": r.config["sampler"]["lr"],
             "localization": r.config["sampler"]["localization"], "nbeta": r.nbeta,
+            "max_excess_ratio": r.config["max_excess_ratio"],
+            "excess_ratio": r.diagnostics["excess_ratio"],
             "num_chains": r.config["num_chains"], "num_draws": r.config["num_draws"],
             "correction": r.config["gradient_correction"],
             "healthy": r.diagnostics["healthy"], "calibration_seconds": cal["seconds"],
@@ -68,6 +73,7 @@ def _row(m: dict) -> list:
             f"{m['pull']:.4g}", f"{m['llc_mean']:.4g} ± {m['llc_sem']:.2g}",
             f"{m['relative_error']:+.1%}", f"{m['error_vs_target']:+.1%}",
             f"{m['lr']:.2g}", f"{m['localization']:g}", f"{m['nbeta']:.4g}",
+            f"{m['max_excess_ratio']:g}", f"{m['excess_ratio']:.3f}",
             f"{m['num_chains']} × {m['num_draws']}", "on" if m["correction"] else "off",
             "yes" if m["healthy"] else "no", f"{m['calibration_seconds']:.0f}",
             f"{m['estimate_seconds']:.0f}", f"{m['peak_rss_mb']:.0f}"]
@@ -78,13 +84,15 @@ def main(argv=None):
     parser.add_argument("--sizes", default="1e4,1e5,1e6")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--max-excess-ratio", type=float, default=None,
+                        help="the locality limit (default: the library's)")
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args(argv)
     rows = []
     context = multiprocessing.get_context("spawn")
     for size in (int(float(s)) for s in args.sizes.split(",")):
         with context.Pool(1) as pool:
-            measured = pool.apply(one_size, (size, args.n, args.draws))
+            measured = pool.apply(one_size, (size, args.n, args.draws, args.max_excess_ratio))
         print(json.dumps(measured), flush=True)
         rows.append(_row(measured))
     command = "python benchmarks/dln_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)

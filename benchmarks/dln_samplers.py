@@ -1,0 +1,91 @@
+"""Explicit samplers on a deep linear network at its teacher: what limits λ̂ at scale.
+
+    python benchmarks/dln_samplers.py --size 1e4 [--n 20000]
+        --runs rmsprop:1e-4:1:4000:20000,sgld:1.6e-6:10:1000:2000 [--out results/benchmarks]
+
+The network of ``dln_scale.py`` (four equal layers, rank w/4, unit-noise data from the
+teacher, w* = the teacher, nβ = n/log n), sampled with fixed settings instead of the
+calibration, so that the step size ε, the localisation γ and the chains' Langevin time can
+be varied one at a time. Each run is ``sampler:ε:γ:draws:burn-in`` (``sgld`` or ``rmsprop``,
+4 chains, batch 500, no gradient correction) and prints λ̂ ± s.e. against λ and λ − pull,
+the excess ratio and λ̂ over the four quarters of the draws (still drifting or settled).
+Appends to ``OUT/dln_samplers.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import slt_probe
+from slt_probe import SGLD, RMSPropSGLD
+from slt_probe.ground_truth import problems
+from slt_probe.reports import markdown_table
+from slt_probe.run_log import write_text_atomic
+
+HEADER = ["d", "n", "sampler", "ε", "γ", "burn-in + draws", "λ̂ ± s.e.", "vs λ",
+          "vs λ − pull", "excess ratio", "λ̂ by quarter of the draws", "s"]
+SAMPLERS = {"sgld": SGLD, "rmsprop": RMSPropSGLD}
+
+
+def parse_run(text: str) -> tuple[str, float, float, int, int]:
+    parts = text.split(":")
+    if len(parts) != 5 or parts[0] not in SAMPLERS:
+        raise SystemExit(f"a run is sampler:ε:γ:draws:burn-in with sampler one of "
+                         f"{sorted(SAMPLERS)}, got {text!r}")
+    return parts[0], float(parts[1]), float(parts[2]), int(parts[3]), int(parts[4])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1e4")
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--out", default="results/benchmarks")
+    args = parser.parse_args(argv)
+    runs = [parse_run(text) for text in args.runs.split(",")]
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    width = max(2, round(math.sqrt(float(args.size) / 4)))
+    problem = problems.deep_linear([width] * 5, max(1, width // 4), args.n, seed=0)
+    truth, pull = float(problem.true_lambda), None
+    rows = []
+    for kind, lr, gamma, draws, burnin in runs:
+        started = time.perf_counter()
+        r = slt_probe.estimate_llc(
+            problem.model, (problem.x, problem.y), loss_fn="gaussian_nll",
+            sampler=SAMPLERS[kind](lr=lr, localization=gamma), num_chains=4,
+            num_draws=draws, num_burnin=burnin, batch_size=500, seed=0,
+            gradient_correction=False, verbose=False)
+        seconds = time.perf_counter() - started
+        pull = pull if pull is not None else problem.teacher_pull(r.nbeta)
+        trace = np.asarray(r.llc_trace)
+        quarters = np.array_split(trace, 4, axis=1)
+        rows.append([f"{problem.num_params:,}", f"{args.n:,}", kind, f"{lr:g}", f"{gamma:g}",
+                     f"{burnin:,} + {draws:,}", f"{r.llc_mean:.4g} ± {r.llc_sem:.2g}",
+                     f"{r.llc_mean / truth - 1:+.1%}", f"{r.llc_mean / (truth - pull) - 1:+.1%}",
+                     f"{r.diagnostics['excess_ratio']:.3f}",
+                     " ".join(f"{q.mean():.4g}" for q in quarters), f"{seconds:.0f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    command = "python benchmarks/dln_samplers.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    text = "\n".join([
+        f"Measured with `{command.strip()}` (CPU, one thread). {problem.name}, w* = the "
+        f"teacher, true λ = {truth:g}, pull = {pull:.4g} (λ − pull = {truth - pull:.4g}), "
+        "4 chains, batch 500, no correction.", "", *markdown_table(HEADER, rows)]) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "dln_samplers.md"
+    previous = path.read_text() + "\n" if path.exists() else ""
+    write_text_atomic(path, previous + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
