@@ -26,8 +26,7 @@ import torch
 import slt_probe
 from slt_probe import SGLD, RMSPropSGLD
 from slt_probe.ground_truth import problems
-from slt_probe.reports import markdown_table
-from slt_probe.run_log import write_text_atomic
+from slt_probe.reports import append_table
 
 HEADER = ["d", "n", "sampler", "ε", "γ", "burn-in + draws", "λ̂ ± s.e.", "vs λ",
           "vs λ − pull", "excess ratio", "λ̂ by quarter of the draws", "s"]
@@ -75,15 +74,11 @@ def main(argv=None):
         print(" | ".join(rows[-1]), flush=True)
     command = "python benchmarks/dln_samplers.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    text = "\n".join([
+    text = append_table(
+        Path(args.out) / "dln_samplers.md",
         f"Measured with `{command.strip()}` (CPU, one thread). {problem.name}, w* = the "
         f"teacher, true λ = {truth:g}, pull = {pull:.4g} (λ − pull = {truth - pull:.4g}), "
-        "4 chains, batch 500, no correction.", "", *markdown_table(HEADER, rows)]) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "dln_samplers.md"
-    previous = path.read_text() + "\n" if path.exists() else ""
-    write_text_atomic(path, previous + text)
+        "4 chains, batch 500, no correction.", HEADER, rows)
     print(text)
 
 

@@ -30,8 +30,7 @@ import torch
 
 import slt_probe
 from slt_probe.ground_truth import problems
-from slt_probe.reports import markdown_table
-from slt_probe.run_log import write_text_atomic
+from slt_probe.reports import append_table
 
 HEADER = ["d", "widths", "rank", "n", "true λ", "pull", "λ̂ ± s.e.", "rel. error",
           "error vs λ − pull", "ε", "γ", "nβ", "locality limit", "excess ratio",
@@ -96,14 +95,10 @@ def main(argv=None):
         print(json.dumps(measured), flush=True)
         rows.append(_row(measured))
     command = "python benchmarks/dln_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = "\n".join([f"Measured with `{command.strip()}` (CPU, one thread per size). "
-                      "w* = the teacher, automatic calibration only, batch 500.", "",
-                      *markdown_table(HEADER, rows)]) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "dln_scale.md"
-    previous = path.read_text() + "\n" if path.exists() else ""
-    write_text_atomic(path, previous + text)
+    text = append_table(Path(args.out) / "dln_scale.md",
+                        f"Measured with `{command.strip()}` (CPU, one thread per size). "
+                        "w* = the teacher, automatic calibration only, batch 500.",
+                        HEADER, rows)
     print(text)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .run_log import CSV_NAME, read_rows
+from .run_log import CSV_NAME, read_rows, write_text_atomic
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
@@ -27,6 +27,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def append_table(path, intro: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """Append ``intro`` and a Markdown table to ``path`` (created with its folders),
+    atomically, so a file of measurements keeps every earlier run; returns the new text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([intro, "", *markdown_table(header, rows)]) + "\n"
+    previous = path.read_text() + "\n" if path.exists() else ""
+    write_text_atomic(path, previous + text)
+    return text
 
 
 def mean_pm_std(value, std=None, fmt: str = ".3g") -> str:
