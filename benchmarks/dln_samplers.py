@@ -4,12 +4,15 @@
         --runs rmsprop:1e-4:1:4000:20000,sgld:1.6e-6:10:1000:2000 [--out results/benchmarks]
     python benchmarks/dln_samplers.py --widths 2-3-4-2 --rank 1 --n 50000 --settled
         --chains 64 --runs rmsprop:1e-4:10:4000:20000
+    python benchmarks/dln_samplers.py --regular 20 --settled --chains 16 --runs …
 
 The network of ``dln_scale.py`` (four equal layers, rank w/4, unit-noise data from the
 teacher, w* = the teacher, nβ = n/log n), sampled with fixed settings instead of the
 calibration, so that the step size ε, the localisation γ and the chains' Langevin time can
 be varied one at a time (``--widths``/``--rank`` name another network, ``--settled``
-estimates at the nearby minimum of L_n instead, where the target is λ itself). Each run is
+estimates at the nearby minimum of L_n instead, where the target is λ itself;
+``--regular D`` takes a linear regression on D inputs instead, the control on which the
+exact E[λ̂] at the run's nβ and γ is known). Each run is
 ``sampler:ε:γ:draws:burn-in`` (``sgld`` or ``rmsprop``; ``--chains`` chains, default 4,
 batch 500, no gradient correction) and prints λ̂ ± s.e. against λ and λ − pull,
 the excess ratio and λ̂ over the four quarters of the draws (still drifting or settled).
@@ -33,7 +36,7 @@ from slt_probe.ground_truth import problems
 from slt_probe.reports import append_table
 
 HEADER = ["d", "n", "sampler", "ε", "γ", "burn-in + draws", "λ̂ ± s.e.", "vs λ",
-          "vs λ − pull", "excess ratio", "λ̂ by quarter of the draws", "s"]
+          "vs λ − pull", "vs exact E[λ̂]", "excess ratio", "λ̂ by quarter of the draws", "s"]
 SAMPLERS = {"sgld": SGLD, "rmsprop": RMSPropSGLD}
 
 
@@ -51,6 +54,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--widths", default=None, help="e.g. 2-3-4-2 (default: from --size)")
     parser.add_argument("--rank", type=int, default=None, help="default: width // 4")
+    parser.add_argument("--regular", type=int, default=None, metavar="D",
+                        help="a linear regression on D inputs instead (exact E[λ̂] known)")
     parser.add_argument("--settled", action="store_true",
                         help="estimate at the nearby minimum of L_n, not at the teacher")
     parser.add_argument("--chains", type=int, default=4)
@@ -63,7 +68,8 @@ def main(argv=None):
     width = max(2, round(math.sqrt(float(args.size) / 4)))
     widths = [int(w) for w in args.widths.split("-")] if args.widths else [width] * 5
     rank = args.rank if args.rank is not None else max(1, min(widths) // 4)
-    problem = problems.deep_linear(widths, rank, args.n, seed=0)
+    problem = (problems.regular(args.regular, 1, args.n, seed=0) if args.regular
+               else problems.deep_linear(widths, rank, args.n, seed=0))
     if args.settled:
         problem.settle()
     truth, pull = float(problem.true_lambda), 0.0 if args.settled else None
@@ -79,10 +85,12 @@ def main(argv=None):
         pull = pull if pull is not None else problem.teacher_pull(r.nbeta)
         trace = np.asarray(r.llc_trace)
         quarters = np.array_split(trace, 4, axis=1)
+        exact = problem.expected_llc(nbeta=r.nbeta, localization=gamma)
         ratio = r.diagnostics["excess_ratio"]  # None where w* is nearly a constant predictor
         rows.append([f"{problem.num_params:,}", f"{args.n:,}", kind, f"{lr:g}", f"{gamma:g}",
                      f"{burnin:,} + {draws:,}", f"{r.llc_mean:.4g} ± {r.llc_sem:.2g}",
                      f"{r.llc_mean / truth - 1:+.1%}", f"{r.llc_mean / (truth - pull) - 1:+.1%}",
+                     "—" if exact is None else f"{r.llc_mean / exact - 1:+.1%} of {exact:.4g}",
                      "n/a" if ratio is None else f"{ratio:.3f}",
                      " ".join(f"{q.mean():.4g}" for q in quarters), f"{seconds:.0f}"])
         print(" | ".join(rows[-1]), flush=True)
