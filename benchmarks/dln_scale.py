@@ -72,7 +72,8 @@ def _row(m: dict) -> list:
             f"{m['pull']:.4g}", f"{m['llc_mean']:.4g} ± {m['llc_sem']:.2g}",
             f"{m['relative_error']:+.1%}", f"{m['error_vs_target']:+.1%}",
             f"{m['lr']:.2g}", f"{m['localization']:g}", f"{m['nbeta']:.4g}",
-            f"{m['max_excess_ratio']:g}", f"{m['excess_ratio']:.3f}",
+            f"{m['max_excess_ratio']:g}",
+            "n/a" if m["excess_ratio"] is None else f"{m['excess_ratio']:.3f}",
             f"{m['num_chains']} × {m['num_draws']}", "on" if m["correction"] else "off",
             "yes" if m["healthy"] else "no", f"{m['calibration_seconds']:.0f}",
             f"{m['estimate_seconds']:.0f}", f"{m['peak_rss_mb']:.0f}"]
