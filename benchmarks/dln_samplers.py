@@ -21,7 +21,6 @@ Appends to ``OUT/dln_samplers.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dln_scale import shape_for_size  # a sibling script: benchmarks/ is on the path
 
 import slt_probe
 from slt_probe import SGLD, RMSPropSGLD
@@ -53,7 +53,8 @@ def main(argv=None):
     parser.add_argument("--size", default="1e4")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--widths", default=None, help="e.g. 2-3-4-2 (default: from --size)")
-    parser.add_argument("--rank", type=int, default=None, help="default: width // 4")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="default: the rank --size gives (width // 4)")
     parser.add_argument("--regular", type=int, default=None, metavar="D",
                         help="a linear regression on D inputs instead (exact E[λ̂] known)")
     parser.add_argument("--settled", action="store_true",
@@ -65,9 +66,11 @@ def main(argv=None):
     runs = [parse_run(text) for text in args.runs.split(",")]
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    width = max(2, round(math.sqrt(float(args.size) / 4)))
-    widths = [int(w) for w in args.widths.split("-")] if args.widths else [width] * 5
-    rank = args.rank if args.rank is not None else max(1, min(widths) // 4)
+    widths, rank = shape_for_size(float(args.size))
+    if args.widths:
+        widths = [int(w) for w in args.widths.split("-")]
+        rank = max(1, min(widths) // 4)
+    rank = args.rank if args.rank is not None else rank
     problem = (problems.regular(args.regular, 1, args.n, seed=0) if args.regular
                else problems.deep_linear(widths, rank, args.n, seed=0))
     if args.settled:

@@ -38,12 +38,17 @@ HEADER = ["d", "widths", "rank", "n", "true λ", "pull", "λ̂ ± s.e.", "rel. e
           "peak RSS MB"]
 
 
+def shape_for_size(size: float) -> tuple[list[int], int]:
+    """The widths (five equal, so four w × w layers: d = 4w²) and rank w/4 of the network
+    of about ``size`` parameters."""
+    width = max(2, round(math.sqrt(size / 4)))
+    return [width] * 5, max(1, width // 4)
+
+
 def one_size(target: int, n: int, draws: int, max_excess_ratio: float | None) -> dict:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    width = max(2, round(math.sqrt(target / 4)))
-    rank = max(1, width // 4)
-    widths = [width] * 5
+    widths, rank = shape_for_size(target)
     p = problems.deep_linear(widths, rank, n, seed=0)
     limit = {} if max_excess_ratio is None else {"max_excess_ratio": max_excess_ratio}
     started = time.perf_counter()
