@@ -13,7 +13,9 @@ be varied one at a time (``--widths``/``--rank`` name another network, ``--settl
 estimates at the nearby minimum of L_n instead, where the target is λ itself;
 ``--regular D`` takes a linear regression on D inputs instead, the control on which the
 exact E[λ̂] at the run's nβ and γ is known). Each run is
-``sampler:ε:γ:draws:burn-in`` (``sgld`` or ``rmsprop``; ``--chains`` chains, default 4,
+``sampler:ε:γ:draws:burn-in`` (``sgld``, ``rmsprop``: RMSProp-SGLD with its preconditioner
+adapted in the burn-in and fixed for the draws, or ``rmsprop-adaptive``: adapted throughout,
+as pSGLD; ``--chains`` chains, default 4,
 batch 500, no gradient correction) and prints λ̂ ± s.e. against λ and λ − pull,
 the excess ratio and λ̂ over the four quarters of the draws (still drifting or settled).
 Appends to ``OUT/dln_samplers.md``.
@@ -21,6 +23,7 @@ Appends to ``OUT/dln_samplers.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import warnings
@@ -37,7 +40,8 @@ from slt_probe.reports import append_table
 
 HEADER = ["d", "n", "sampler", "ε", "γ", "burn-in + draws", "λ̂ ± s.e.", "vs λ",
           "vs λ − pull", "vs exact E[λ̂]", "excess ratio", "λ̂ by quarter of the draws", "s"]
-SAMPLERS = {"sgld": SGLD, "rmsprop": RMSPropSGLD}
+SAMPLERS = {"sgld": SGLD, "rmsprop": RMSPropSGLD,
+            "rmsprop-adaptive": functools.partial(RMSPropSGLD, adapt="always")}
 
 
 def parse_run(text: str) -> tuple[str, float, float, int, int]:

@@ -69,6 +69,46 @@ def test_rmsprop_first_step_matches_formula():
     torch.testing.assert_close(out.w, expected)
 
 
+def test_rmsprop_rejects_an_unknown_adaptation():
+    with pytest.raises(ValueError, match="adapt"):
+        RMSPropSGLD(adapt="never")
+
+
+def test_rmsprop_fixes_its_preconditioner_when_the_draws_begin():
+    sampler = RMSPropSGLD(lr=0.01, localization=2.0, eps=0.1, alpha=0.5)
+    g = torch.Generator().manual_seed(0)
+    w_star = torch.randn(2, 5, generator=g)
+    state = sampler.init(w_star, g, None)
+    for _ in range(3):
+        state = sampler.step(state, torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g),
+                             w_star=w_star, nbeta=4.0)
+    fixed = 1.0 / (state.aux["square_avg"].sqrt() + 0.1)
+    state = sampler.begin_draws(state)
+    for _ in range(2):
+        # a gradient far larger than any seen would change an adapting preconditioner
+        grad, noise = 100 * torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+        out = sampler.step(state, grad, noise, w_star=w_star, nbeta=4.0)
+        expected = (state.w - 0.005 * fixed * (4.0 * grad + 2.0 * (state.w - w_star))
+                    + torch.sqrt(0.01 * fixed) * noise)
+        torch.testing.assert_close(out.w, expected)
+        state = out
+    # the adapting form (pSGLD) keeps moving its preconditioner
+    always = RMSPropSGLD(lr=0.01, localization=2.0, eps=0.1, alpha=0.5, adapt="always")
+    before = sampler.init(w_star, g, None)
+    before = always.step(before, torch.ones(2, 5), torch.zeros(2, 5), w_star=w_star, nbeta=4.0)
+    kept = always.begin_draws(before)
+    after = always.step(kept, 100 * torch.ones(2, 5), torch.zeros(2, 5), w_star=w_star,
+                        nbeta=4.0)
+    assert not torch.allclose(after.aux["square_avg"], before.aux["square_avg"])
+
+
+def test_rmsprop_cannot_fix_a_preconditioner_it_never_adapted():
+    sampler = RMSPropSGLD()
+    state = sampler.init(torch.zeros(1, 3), torch.Generator(), None)
+    with pytest.raises(ValueError, match="num_burnin"):
+        sampler.begin_draws(state)
+
+
 def test_sgnht_step_follows_the_nose_hoover_update_with_distinct_coefficients():
     # lr, diffusion factor, nβ, γ all different, so swapping any two changes the result
     lr, diffusion, nbeta, gamma = 0.02, 0.005, 3.0, 0.7

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from slt_probe import SGLD, estimate_llc
+from slt_probe import SGLD, RMSPropSGLD, estimate_llc
 from slt_probe.cli import main
 from slt_probe.core.data import MinibatchStream
 from slt_probe.core.settings import default_nbeta
@@ -68,6 +68,14 @@ def test_native_and_devinterp_backends_agree_on_a_known_truth(regular_problem):
                              **settings)
     assert abs(native.llc_mean - reference.llc_mean) < 3 * (native.llc_sem + reference.llc_sem)
     assert native.llc_mean == pytest.approx(5.0, rel=0.15)
+
+
+def test_devinterp_backend_refuses_a_preconditioner_it_cannot_fix(regular_problem):
+    p = regular_problem
+    with pytest.raises(ValueError, match="adapt='always'"):
+        estimate_llc(p.model, (p.x, p.y), loss_fn=p.loss_fn, backend="devinterp",
+                     sampler=RMSPropSGLD(), num_draws=10, num_burnin=10,
+                     verbose=False)
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

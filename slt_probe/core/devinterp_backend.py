@@ -24,6 +24,9 @@ def _sampling_method(sampler, nbeta: float):
     from devinterp.optim import SGMCMC
 
     if isinstance(sampler, RMSPropSGLD):
+        if sampler.adapt != "always":
+            raise ValueError("devinterp's RMSProp-SGLD adapts its preconditioner throughout; "
+                             "use RMSPropSGLD(adapt='always') with backend='devinterp'")
         return SGMCMC.rmsprop_sgld, dict(lr=sampler.lr, localization=sampler.localization,
                                          nbeta=nbeta, alpha=sampler.alpha, eps=sampler.eps)
     if isinstance(sampler, SGNHT):

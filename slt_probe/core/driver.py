@@ -198,6 +198,8 @@ class ChainDriver:
                     noise.mul_(self.mask)
                 if track_mala and step >= num_burnin and (step - num_burnin) % mala_every == 0:
                     pending = (state.w, torch.linalg.vecdot(noise, noise, dim=1).double())
+                if step == num_burnin:
+                    state = self.sampler.begin_draws(state)
                 kernel = warmup_sampler if step < num_warmup else self.sampler
                 state = kernel.step(state, grads, noise, w_star=self.w_star, nbeta=self.nbeta)
                 self.positions = state.w
