@@ -94,7 +94,7 @@ def test_rmsprop_fixes_its_preconditioner_when_the_draws_begin():
         state = out
     # the adapting form (pSGLD) keeps moving its preconditioner
     always = RMSPropSGLD(lr=0.01, localization=2.0, eps=0.1, alpha=0.5, adapt="always")
-    before = sampler.init(w_star, g, None)
+    before = always.init(w_star, g, None)
     before = always.step(before, torch.ones(2, 5), torch.zeros(2, 5), w_star=w_star, nbeta=4.0)
     kept = always.begin_draws(before)
     after = always.step(kept, 100 * torch.ones(2, 5), torch.zeros(2, 5), w_star=w_star,
