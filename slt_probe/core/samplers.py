@@ -179,7 +179,7 @@ class RMSPropSGLD(Sampler):
                 square_avg = aux["square_avg"] * self.alpha + (1 - self.alpha) * scaled.square()
             else:
                 square_avg = scaled.square()
-            precond = 1.0 / (square_avg.sqrt() + self.eps)
+            precond = self._preconditioner(square_avg)
             aux = {"square_avg": square_avg}
         drift = scaled + self.localization * (state.w - w_star) if self.localization else scaled
         new_w = state.w - 0.5 * self.lr * precond * drift + (self.lr * precond).sqrt() * noise
@@ -192,8 +192,11 @@ class RMSPropSGLD(Sampler):
             raise ValueError("RMSPropSGLD(adapt='burnin') fixes its preconditioner at the end "
                              "of the burn-in, and there was none: give num_burnin > 0 (a few "
                              "hundred steps at least), or adapt='always'")
-        precond = 1.0 / (state.aux["square_avg"].sqrt() + self.eps)
-        return SamplerState(w=state.w, aux={"precond": precond})
+        return SamplerState(w=state.w,
+                            aux={"precond": self._preconditioner(state.aux["square_avg"])})
+
+    def _preconditioner(self, square_avg: Tensor) -> Tensor:
+        return 1.0 / (square_avg.sqrt() + self.eps)
 
 
 @dataclass(frozen=True)
