@@ -15,7 +15,8 @@ default the library's) and the calibration's step budget (``--max-relax-steps``,
 ``--max-steps``: ``CalibrationGrid``'s, default the library's; the relaxation budget bounds
 how weak a γ the calibration can relax), chains × draws, wall time and peak memory. Each
 size runs in its own process (one thread) so that its peak memory is its own. Appends to
-``OUT/dln_scale.md``.
+``OUT/dln_scale.md``; each size's measurements, with the calibration's reasoning and its
+table of runs, are printed as one JSON line.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def one_size(target: int, n: int, draws: int, max_excess_ratio: float | None,
             "healthy": r.diagnostics["healthy"], "calibration_seconds": cal["seconds"],
             "estimate_seconds": r.config["seconds"],
             "seconds": time.perf_counter() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "calibration_reason": cal["reason"], "calibration_table": cal["table"]}
 
 
 def _row(m: dict) -> list:
