@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,15 +125,14 @@ def test_a_probes_restrictions_are_the_estimates_of_one_restricted_run_at_those_
                                  restrictions=restrictions, **PROBE)
 
 
-def _wandb_history(run_dir):
-    """History records of an offline run, read from its .wandb file (a LevelDB-style log
-    of protobuf records: 32 KiB blocks of 7-byte-headed, possibly split records)."""
-
+def _wandb_records(run_dir):
+    """The records of an offline run's .wandb file (a LevelDB-style log of protobuf
+    records: 32 KiB blocks of 7-byte-headed, possibly split records)."""
     from wandb.proto import wandb_internal_pb2
 
     data = open(glob.glob(os.path.join(run_dir, "*.wandb"))[0], "rb").read()
     assert data[:4] == b":W&B"
-    pos, records, pending = 7, [], b""
+    pos, chunks, pending = 7, [], b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         if left < 7 or data[pos + 6] == 0:  # block trailer or zero padding
@@ -142,15 +142,29 @@ def _wandb_history(run_dir):
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
-            records.append(pending)
-    history = []
-    for raw in records:
+            chunks.append(pending)
+    records = []
+    for raw in chunks:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
-    return history
+        records.append(record)
+    return records
+
+
+def _wandb_history(run_dir, timeout=30.0):
+    """History records of a finished offline run. ``run.finish()`` can return before the
+    W&B service has flushed the run's file, so it is read until its exit record is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(run_dir)
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "exit" in kinds, f"the run's file has no exit record after {timeout:g} s: {kinds}"
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+             for item in record.history.item}
+            for record, kind in zip(records, kinds) if kind == "history"]
 
 
 def test_wandb_sink_logs_offline_at_the_training_step(tmp_path, monkeypatch):
