@@ -38,8 +38,8 @@ from slt_probe.reports import append_table
 
 HEADER = ["d", "widths", "rank", "n", "true λ", "pull", "λ̂ ± s.e.", "rel. error",
           "error vs λ − pull", "ε", "γ", "nβ", "locality limit", "excess ratio",
-          "relaxation budget", "calibration steps", "chains × draws", "correction", "healthy", "calibration s", "estimate s",
-          "peak RSS MB"]
+          "relaxation budget", "calibration steps", "chains × draws", "correction",
+          "healthy", "calibration s", "estimate s", "peak RSS MB"]
 
 
 def shape_for_size(size: float) -> tuple[list[int], int]:
