@@ -55,12 +55,12 @@ def one_size(target: int, n: int, draws: int, max_excess_ratio: float | None,
     warnings.simplefilter("ignore")
     widths, rank = shape_for_size(target)
     p = problems.deep_linear(widths, rank, n, seed=0)
-    limit = {} if max_excess_ratio is None else {"max_excess_ratio": max_excess_ratio}
+    options = {} if max_excess_ratio is None else {"max_excess_ratio": max_excess_ratio}
     if budget:
-        limit["calibration_grid"] = slt_probe.CalibrationGrid(**budget)
+        options["calibration_grid"] = slt_probe.CalibrationGrid(**budget)
     started = time.perf_counter()
     r = slt_probe.estimate_llc(p.model, (p.x, p.y), loss_fn="gaussian_nll", sampler="auto",
-                               num_draws=draws, batch_size=500, verbose=False, **limit)
+                               num_draws=draws, batch_size=500, verbose=False, **options)
     truth = float(p.true_lambda)
     pull = p.teacher_pull(r.nbeta)
     cal = r.config["calibration"]
